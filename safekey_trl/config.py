@@ -1,0 +1,96 @@
+"""`SafeKeyConfig`: TRL's `SFTConfig` plus the SafeKey objective's fields, and the script arguments of a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+
+@dataclass
+class SafeKeyConfig(SFTConfig):
+    r"""
+    Configuration class for [`SafeKeySFTTrainer`]: every [`~trl.SFTConfig`] field, plus those of the SafeKey
+    objective. The defaults are the paper's.
+
+    The loss is `L = L_LM + qmm_weight · L_QMM + head_weight · (head_theta · L_U + (1 − head_theta) · L_prefix)`,
+    with the two auxiliary terms on during the last `auxiliary_epochs` epochs only.
+
+    Parameters:
+        qmm_weight (`float`, *optional*, defaults to `0.2`):
+            Weight of the Query-Mask Modeling loss: the LM loss on the key sentence K's tokens, in a second forward
+            pass where the user's query is hidden from attention.
+        head_weight (`float`, *optional*, defaults to `0.2`):
+            Weight of the Dual-Path Safety Head's binary cross-entropy.
+        head_theta (`float`, *optional*, defaults to `0.5`):
+            Mix θ of the head's two paths: θ on the path pooled over the understanding U, 1 − θ on the path pooled
+            over everything before K.
+        auxiliary_epochs (`int`, *optional*, defaults to `2`):
+            How many final epochs carry the two auxiliary terms. Earlier epochs train plain SFT.
+        qmm_mask_query (`bool`, *optional*, defaults to `True`):
+            Hide the query in the second pass. `False` is the paper's ablation "QMM without the query mask": the
+            second pass then sees the whole prompt, which only up-weights K's tokens.
+        head_detach_hidden (`bool`, *optional*, defaults to `False`):
+            The paper's ablation that trains the head on detached hidden states: the head still learns, but its loss
+            sends no gradient into the model. `L_LM` and `L_QMM` are unchanged.
+    """
+
+    qmm_weight: float = field(
+        default=0.2, metadata={"help": "Weight of the Query-Mask Modeling loss on the key sentence K."}
+    )
+    head_weight: float = field(default=0.2, metadata={"help": "Weight of the Dual-Path Safety Head loss."})
+    head_theta: float = field(
+        default=0.5, metadata={"help": "Mix θ of the head paths: θ·L_U + (1−θ)·L_prefix."}
+    )
+    auxiliary_epochs: int = field(
+        default=2, metadata={"help": "Number of final epochs that carry the QMM and head terms."}
+    )
+    qmm_mask_query: bool = field(
+        default=True, metadata={"help": "Hide the query in the QMM pass (False: the paper's no-mask ablation)."}
+    )
+    head_detach_hidden: bool = field(
+        default=False,
+        metadata={"help": "Train the head on detached hidden states (the paper's ablation): no gradient to the model."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("qmm_weight", "head_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.head_theta <= 1.0:
+            raise ValueError(f"`head_theta` must be in [0, 1], got {self.head_theta}.")
+        if self.auxiliary_epochs < 0:
+            raise ValueError(f"`auxiliary_epochs` must be >= 0, got {self.auxiliary_epochs}.")
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "SafeKey needs each example's U and K spans in their own row: set `packing=False` and "
+                "`padding_free=False`."
+            )
+        if self.truncation_mode != "keep_start":
+            raise ValueError("SafeKey truncates on the right (`truncation_mode='keep_start'`), so that U and K survive.")
+
+
+@dataclass
+class SafeKeyScriptArguments:
+    """Where a recipe's data comes from.
+
+    Parameters:
+        dataset_name (`str`):
+            A `.jsonl`, `.json` or `.parquet` file in the SafeKey format, or a Hub dataset name.
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Split to train on, for a Hub dataset.
+        eval_dataset_name (`str`, *optional*):
+            A second dataset, in the same format, to evaluate on.
+        skip_invalid (`bool`, *optional*, defaults to `False`):
+            Leave out invalid rows, with a counted report, instead of stopping at the first.
+    """
+
+    dataset_name: str = field(
+        default="data/safekey_sample.jsonl", metadata={"help": "SafeKey-format file or Hub dataset name."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (Hub datasets)."})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Optional evaluation dataset."})
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Skip invalid rows with a counted report instead of failing."}
+    )

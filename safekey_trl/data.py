@@ -1,0 +1,395 @@
+"""SafeKey data: the row schema, loading, rendering with the chat template, and token-span alignment.
+
+A row in the SafeKey reference format::
+
+    {"question": str, "response": "<think>\\n{trace}\\n</think>\\n\\n{answer}",
+     "summary_end_idx": int, "next_sentence_end_idx": int, "source": str}
+
+U (the query understanding) is ``response[:summary_end_idx]`` and K (the key sentence) is
+``response[summary_end_idx:next_sentence_end_idx]``; both are character offsets (Python string indices). A row is
+harmful unless its ``source`` is ``"4o_rewrite"``; an explicit boolean ``unsafe`` field wins over ``source``.
+A ``messages`` form is accepted too: a list of chat turns ending with the assistant turn that holds the response,
+the offsets then pointing into that last turn's content.
+
+Every token span is computed from character offsets of the full rendered text through the fast tokenizer's offset
+mapping. **Boundary rule:** a token belongs to the segment (prompt, U, K, rest) that holds its first character. A
+token straddling U/K therefore belongs to U when it starts inside U, and K's tokens decode to K's text, possibly
+missing a head that shares a token with U's last characters and possibly running on into the characters that share
+K's last token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+THINK_OPEN = "<think>\n"
+THINK_CLOSE = "\n</think>\n\n"
+BENIGN_SOURCE = "4o_rewrite"
+
+# The per-example features the SafeKey trainer reads beside `input_ids` and `labels`.
+SAFEKEY_FEATURES = ("key_mask", "query_mask", "understanding_span", "prefix_end", "unsafe")
+
+
+class SafeKeyDataError(ValueError):
+    """A row that does not follow the SafeKey format. Names the file, the row (1-based) and the field."""
+
+    def __init__(self, source: str, row: int, field_name: str, message: str):
+        self.source = source
+        self.row = row
+        self.field_name = field_name
+        self.message = message
+        super().__init__(f"{source}: row {row}, field '{field_name}': {message}")
+
+
+@dataclass
+class SafeKeyExample:
+    """One validated row: the prompt as chat messages, the response and the U/K character offsets into it."""
+
+    prompt_messages: list[dict[str, str]]
+    response: str
+    summary_end_idx: int
+    next_sentence_end_idx: int
+    unsafe: bool
+    source: str = "<memory>"
+    row: int = 0
+
+
+@dataclass
+class InvalidRowReport:
+    """What `skip_invalid=True` left out: a count per field and every error message."""
+
+    errors: list[SafeKeyDataError] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.errors)
+
+    def by_field(self) -> dict[str, int]:
+        return dict(Counter(error.field_name for error in self.errors))
+
+    def summary(self, limit: int = 5) -> str:
+        lines = [f"{self.count} invalid row(s) skipped, by field: {self.by_field()}"]
+        lines += [f"  {error}" for error in self.errors[:limit]]
+        if self.count > limit:
+            lines.append(f"  ... and {self.count - limit} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class FeaturizeStats:
+    """Counts from `featurize`: rows in, rows out, and what truncation did."""
+
+    rows: int = 0
+    examples: int = 0
+    key_truncated: int = 0
+    dropped_no_response: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_rows(path_or_name: str, split: str = "train") -> Iterator[tuple[int, Any]]:
+    """Yield `(row_number, row)` from a `.jsonl`, `.json` or `.parquet` file, or a Hub dataset name.
+
+    Row numbers are 1-based (the line number in a `.jsonl` file). A `.jsonl` line that is not JSON is yielded as a
+    [`SafeKeyDataError`] in place of the row, so that the caller decides whether to raise or to count it.
+    """
+    path = Path(path_or_name)
+    source = str(path_or_name)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".parquet") and not path.is_file():
+        raise FileNotFoundError(f"{source}: no such file")
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield line_number, SafeKeyDataError(source, line_number, "<json>", f"not valid JSON ({error.msg})")
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise SafeKeyDataError(
+                source, 0, "<json>", f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+            ) from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise SafeKeyDataError(source, 0, "<json>", "expected a list of rows (or {'data': [...]})")
+        yield from enumerate(data, start=1)
+    elif suffix == ".parquet":
+        yield from enumerate(Dataset.from_parquet(str(path)), start=1)
+    else:
+        from datasets import load_dataset
+
+        yield from enumerate(load_dataset(path_or_name, split=split), start=1)
+
+
+def _require(row: dict, name: str, kind: type | tuple[type, ...], source: str, number: int) -> Any:
+    if name not in row or row[name] is None:
+        raise SafeKeyDataError(source, number, name, "missing")
+    value = row[name]
+    # `bool` is an `int` in Python, but never a valid offset
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise SafeKeyDataError(source, number, name, f"expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _prompt_messages(row: dict, source: str, number: int) -> tuple[list[dict[str, str]], str]:
+    """The prompt turns and the response, from the `question`/`response` form or the `messages` form."""
+    if "messages" in row and "question" not in row:
+        messages = _require(row, "messages", list, source, number)
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise SafeKeyDataError(source, number, "messages", "expected a list of {'role', 'content'} turns")
+        if messages[-1].get("role") != "assistant":
+            raise SafeKeyDataError(source, number, "messages", "the last turn must be the assistant's response")
+        if not any(m.get("role") == "user" for m in messages[:-1]):
+            raise SafeKeyDataError(source, number, "messages", "no user turn before the response")
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+        return prompt, messages[-1]["content"]
+    question = _require(row, "question", str, source, number)
+    if not question.strip():
+        raise SafeKeyDataError(source, number, "question", "empty")
+    response = _require(row, "response", str, source, number)
+    return [{"role": "user", "content": question}], response
+
+
+def validate_row(row: Any, source: str, number: int) -> SafeKeyExample:
+    """Check one row against the SafeKey format; raise [`SafeKeyDataError`] naming the first bad field."""
+    if not isinstance(row, dict):
+        raise SafeKeyDataError(source, number, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    prompt, response = _prompt_messages(row, source, number)
+    response_field = "messages" if "messages" in row and "question" not in row else "response"
+    if not response.startswith(THINK_OPEN) or THINK_CLOSE not in response:
+        raise SafeKeyDataError(
+            source, number, response_field, "no <think> block: expected '<think>\\n{trace}\\n</think>\\n\\n{answer}'"
+        )
+    trace_end = response.index(THINK_CLOSE)
+    summary_end = _require(row, "summary_end_idx", int, source, number)
+    key_end = _require(row, "next_sentence_end_idx", int, source, number)
+    for name, value in (("summary_end_idx", summary_end), ("next_sentence_end_idx", key_end)):
+        if not 0 <= value <= len(response):
+            raise SafeKeyDataError(
+                source, number, name, f"{value} is out of range for a response of {len(response)} characters"
+            )
+    if summary_end <= len(THINK_OPEN):
+        raise SafeKeyDataError(source, number, "summary_end_idx", f"{summary_end} leaves the understanding U empty")
+    if key_end <= summary_end:
+        raise SafeKeyDataError(
+            source, number, "next_sentence_end_idx", f"{key_end} is not after summary_end_idx ({summary_end})"
+        )
+    if key_end > trace_end:
+        raise SafeKeyDataError(
+            source, number, "next_sentence_end_idx", f"{key_end} runs past the end of the reasoning trace ({trace_end})"
+        )
+    if not response[summary_end:key_end].strip():
+        raise SafeKeyDataError(source, number, "next_sentence_end_idx", "the key sentence K is blank")
+    if "unsafe" in row and row["unsafe"] is not None:
+        unsafe = _require(row, "unsafe", bool, source, number)
+    else:
+        unsafe = _require(row, "source", str, source, number) != BENIGN_SOURCE
+    return SafeKeyExample(prompt, response, summary_end, key_end, unsafe, source, number)
+
+
+def load_examples(
+    path_or_name: str, split: str = "train", skip_invalid: bool = False
+) -> tuple[list[SafeKeyExample], InvalidRowReport]:
+    """Read and validate every row of a SafeKey dataset.
+
+    Args:
+        path_or_name: A `.jsonl`, `.json` or `.parquet` file, or a Hub dataset name.
+        split: The split to load for a Hub dataset.
+        skip_invalid: Leave out invalid rows and count them in the report instead of raising on the first.
+
+    Returns:
+        The valid examples, and the report of the rows left out.
+    """
+    examples: list[SafeKeyExample] = []
+    report = InvalidRowReport()
+    for number, row in read_rows(path_or_name, split):
+        try:
+            if isinstance(row, SafeKeyDataError):
+                raise row
+            examples.append(validate_row(row, str(path_or_name), number))
+        except SafeKeyDataError as error:
+            if not skip_invalid:
+                raise
+            report.errors.append(error)
+    if report.count:
+        logger.warning(report.summary())
+    return examples, report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering and span alignment
+
+
+@dataclass
+class RenderedExample:
+    """The full text of one example and the character boundaries of its segments in it."""
+
+    text: str
+    prompt_end: int  # end of the rendered prompt (generation prompt included)
+    understanding_end: int  # end of U
+    key_end: int  # end of K
+
+
+def render(example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase) -> RenderedExample:
+    """Render an example with the tokenizer's chat template, keeping the reasoning trace.
+
+    The R1-Distill template deletes everything up to `</think>` from assistant turns, so only the prompt goes through
+    the template (with the generation prompt), and the response is appended verbatim, followed by the EOS token that
+    closes an assistant turn. When the generation prompt already opens the trace (`<｜Assistant｜><think>\\n`), the
+    response's own `<think>\\n` is not repeated.
+    """
+    prompt = tokenizer.apply_chat_template(example.prompt_messages, tokenize=False, add_generation_prompt=True)
+    response_start = len(prompt)
+    response = example.response
+    if prompt.endswith(THINK_OPEN):
+        response = response[len(THINK_OPEN) :]
+        response_start -= len(THINK_OPEN)
+    text = prompt + response + (tokenizer.eos_token or "")
+    return RenderedExample(
+        text=text,
+        prompt_end=len(prompt),
+        understanding_end=response_start + example.summary_end_idx,
+        key_end=response_start + example.next_sentence_end_idx,
+    )
+
+
+def token_spans(token_starts: list[int], rendered: RenderedExample) -> tuple[int, int, int]:
+    """Token indices where the response, K and the rest begin: `(prompt_len, key_start, key_end)`.
+
+    Tokens are assigned by the boundary rule: to the segment holding their first character. So U's tokens are
+    `[prompt_len, key_start)` and K's are `[key_start, key_end)`.
+    """
+    prompt_len = bisect.bisect_left(token_starts, rendered.prompt_end)
+    key_start = bisect.bisect_left(token_starts, rendered.understanding_end)
+    key_end = bisect.bisect_left(token_starts, rendered.key_end)
+    return prompt_len, key_start, key_end
+
+
+def featurize_example(
+    example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+) -> dict[str, Any]:
+    """Turn one validated example into the trainer's features.
+
+    Returns a dict with `input_ids`, `labels` (-100 on the prompt), `key_mask` (1 on K's tokens), `query_mask` (0 on
+    every prompt token, generation prompt included, 1 after), `understanding_span` (`[start, end)` of U's tokens),
+    `prefix_end` (the first K token: the head's prefix path pools `[0, prefix_end)`), and `unsafe`. When K does not
+    fit in `max_length`, `key_mask` is all zeros and the spans are `[0, 0]`/`0`: the example trains the LM term only.
+    """
+    rendered = render(example, tokenizer)
+    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = encoding["input_ids"]
+    starts = [start for start, _ in encoding["offset_mapping"]]
+    prompt_len, key_start, key_end = token_spans(starts, rendered)
+    if key_start == prompt_len:
+        raise SafeKeyDataError(
+            example.source, example.row, "summary_end_idx", "the understanding U has no token of its own"
+        )
+    if key_end == key_start:
+        raise SafeKeyDataError(
+            example.source, example.row, "next_sentence_end_idx", "the key sentence K has no token of its own"
+        )
+    if max_length is not None:
+        input_ids = input_ids[:max_length]  # right truncation: keep the start
+    length = len(input_ids)
+    labels = [-100] * min(prompt_len, length) + input_ids[prompt_len:]
+    query_mask = [0] * min(prompt_len, length) + [1] * max(length - prompt_len, 0)
+    key_fits = key_end <= length
+    key_mask = [0] * length
+    if key_fits:
+        key_mask[key_start:key_end] = [1] * (key_end - key_start)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "key_mask": key_mask,
+        "query_mask": query_mask,
+        "understanding_span": [prompt_len, key_start] if key_fits else [0, 0],
+        "prefix_end": key_start if key_fits else 0,
+        "unsafe": int(example.unsafe),
+    }
+
+
+def featurize(
+    examples: Iterable[SafeKeyExample],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    skip_invalid: bool = False,
+    report: InvalidRowReport | None = None,
+) -> tuple[Dataset, FeaturizeStats]:
+    """Featurize examples into a `datasets.Dataset` ready for [`SafeKeySFTTrainer`].
+
+    Examples whose response does not start within `max_length` have nothing to train and are dropped; those whose K
+    is cut train the LM term only. Both counts are logged and returned. A row whose U or K gets no token of its own
+    under this tokenizer raises [`SafeKeyDataError`], or is counted in `report` with `skip_invalid=True`.
+    """
+    stats = FeaturizeStats()
+    features = []
+    for example in examples:
+        stats.rows += 1
+        try:
+            feature = featurize_example(example, tokenizer, max_length)
+        except SafeKeyDataError as error:
+            if not skip_invalid:
+                raise
+            if report is not None:
+                report.errors.append(error)
+            logger.warning("skipped: %s", error)
+            continue
+        if all(label == -100 for label in feature["labels"]):
+            stats.dropped_no_response += 1
+            continue
+        if not any(feature["key_mask"]):
+            stats.key_truncated += 1
+        features.append(feature)
+    stats.examples = len(features)
+    if stats.key_truncated:
+        logger.warning(
+            "%d of %d examples have their key sentence K cut by max_length=%s: they train the LM term only.",
+            stats.key_truncated,
+            stats.rows,
+            max_length,
+        )
+    if stats.dropped_no_response:
+        logger.warning(
+            "%d of %d examples were dropped: their prompt alone fills max_length=%s, leaving no response to train on.",
+            stats.dropped_no_response,
+            stats.rows,
+            max_length,
+        )
+    columns = {name: [feature[name] for feature in features] for name in ("input_ids", "labels", *SAFEKEY_FEATURES)}
+    return Dataset.from_dict(columns), stats
+
+
+def load_safekey_dataset(
+    path_or_name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    split: str = "train",
+    skip_invalid: bool = False,
+) -> tuple[Dataset, FeaturizeStats, InvalidRowReport]:
+    """Load, validate and featurize a SafeKey dataset in one call."""
+    examples, report = load_examples(path_or_name, split=split, skip_invalid=skip_invalid)
+    if not examples:
+        raise ValueError(f"{path_or_name}: no valid rows to train on" + (f"\n{report.summary()}" if report.count else ""))
+    dataset, stats = featurize(examples, tokenizer, max_length, skip_invalid=skip_invalid, report=report)
+    return dataset, stats, report

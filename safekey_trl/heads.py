@@ -1,0 +1,75 @@
+"""The Dual-Path Safety Head: two linear probes on the last hidden layer, used in training only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+HEAD_WEIGHTS_NAME = "safekey_head.safetensors"
+# Attribute under which the trainer attaches the head to the causal LM, so that accelerate, DeepSpeed and FSDP
+# treat its parameters like the model's own; `_save` strips it back out of the exported model.
+HEAD_ATTRIBUTE = "safekey_head"
+
+
+def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `hidden_states` (batch, length, hidden) over the positions where `mask` (batch, length) is true."""
+    weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+class DualPathSafetyHead(nn.Module):
+    """Two `Linear(hidden, 1)` heads predicting "the query is harmful".
+
+    The understanding path mean-pools the last hidden states over the query understanding U; the prefix path
+    mean-pools over everything before the key sentence K (prompt and U). Both run in float32 whatever the model's
+    dtype, and every parameter, biases included, trains.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.understanding_head = nn.Linear(hidden_size, 1)
+        self.prefix_head = nn.Linear(hidden_size, 1)
+
+    def forward(
+        self, hidden_states: torch.Tensor, understanding_mask: torch.Tensor, prefix_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the `(understanding_logits, prefix_logits)`, each of shape (batch,)."""
+        dtype = self.understanding_head.weight.dtype
+        understanding = masked_mean(hidden_states, understanding_mask).to(dtype)
+        prefix = masked_mean(hidden_states, prefix_mask).to(dtype)
+        return self.understanding_head(understanding).squeeze(-1), self.prefix_head(prefix).squeeze(-1)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the head to `directory/safekey_head.safetensors`."""
+        return save_head_state(self.state_dict(), directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> DualPathSafetyHead:
+        """Load a head written by `save_pretrained` (or saved beside a SafeKey model or checkpoint)."""
+        state = load_file(str(Path(directory) / HEAD_WEIGHTS_NAME))
+        head = cls(state["understanding_head.weight"].shape[-1])
+        head.load_state_dict(state)
+        return head
+
+
+def save_head_state(state: dict[str, torch.Tensor], directory: str | Path) -> Path:
+    """Write a head state dict (keys relative to the head) to `directory/safekey_head.safetensors`."""
+    path = Path(directory) / HEAD_WEIGHTS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.detach().contiguous().cpu() for key, value in state.items()}, str(path))
+    return path
+
+
+def split_head_state(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a model state dict into the head's entries (relative keys) and the clean causal LM's entries."""
+    marker = f"{HEAD_ATTRIBUTE}."
+    head_state, model_state = {}, {}
+    for key, value in state_dict.items():
+        if marker in key:
+            head_state[key.split(marker, 1)[1]] = value
+        else:
+            model_state[key] = value
+    return head_state, model_state

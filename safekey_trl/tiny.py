@@ -1,0 +1,152 @@
+"""An embedded tiny model for offline runs: the default recipe and the tests.
+
+No weights can be downloaded on CI, so `tiny:qwen2` / `tiny:llama` build a randomly initialised 2-layer model and
+a byte-level BPE tokenizer trained in memory. The tokenizer carries the DeepSeek-R1-Distill special tokens and the
+real R1-Distill chat template (shipped in `safekey_trl/templates/`), so spans, masks and rendering are exercised
+exactly as on the real models.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
+
+TINY_PREFIX = "tiny:"
+TINY_ARCHITECTURES = ("qwen2", "llama")
+
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+PAD_TOKEN = "<｜▁pad▁｜>"
+# The R1-Distill special tokens the chat template emits (tool tokens included, so every template branch tokenizes).
+SPECIAL_TOKENS = [
+    BOS_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "<｜tool▁sep｜>",
+]
+# In the R1-Distill tokenizers these are added tokens but not special ones: they survive `skip_special_tokens`.
+THINK_TOKENS = ["<think>", "</think>"]
+
+CHAT_TEMPLATE_FILE = "deepseek_r1_distill_chat_template.jinja"
+
+
+def r1_distill_chat_template() -> str:
+    """The DeepSeek-R1-Distill chat template, as the models ship it in `tokenizer_config.json`."""
+    return resources.files("safekey_trl").joinpath("templates", CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+
+
+def is_tiny_model_name(name: str | None) -> bool:
+    """Whether `name` asks for the embedded tiny model (`tiny:qwen2` or `tiny:llama`)."""
+    return bool(name) and name.startswith(TINY_PREFIX)
+
+
+def _training_corpus() -> list[str]:
+    # The sample data, plus enough plain text that every byte and common word gets a merge.
+    corpus = [
+        "The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:'\"()[]{}<>/\\|@#$%^&*-_=+~`",
+        "Okay, so the user is asking how to do something. But wait, this could be used to hurt someone.",
+    ]
+    sample = Path(__file__).resolve().parent.parent / "data" / "safekey_sample.jsonl"
+    if sample.is_file():
+        for line in sample.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                corpus.append(str(row.get("question", "")))
+                corpus.append(str(row.get("response", "")))
+    return corpus
+
+
+def build_tiny_tokenizer(
+    chat_template: str | None = None, vocab_size: int = 1024
+) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer in memory, with the R1-Distill special tokens and chat template.
+
+    Args:
+        chat_template: Jinja chat template; defaults to the R1-Distill one shipped with the package.
+        vocab_size: Target vocabulary size of the BPE model (special tokens included).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_training_corpus(), trainer=trainer)
+    backend.add_tokens(THINK_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=16384,
+    )
+    tokenizer.chat_template = chat_template if chat_template is not None else r1_distill_chat_template()
+    return tokenizer
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerBase,
+    architecture: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> torch.nn.Module:
+    """A randomly initialised causal LM sized for CPU: 2 layers, 64 wide by default."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    if architecture == "qwen2":
+        config = Qwen2Config(**common)
+    elif architecture == "llama":
+        config = LlamaConfig(**common)
+    else:
+        raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {TINY_ARCHITECTURES}.")
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def load_tiny(name: str, attn_implementation: str = "sdpa", seed: int = 0):
+    """Build the tiny model named `tiny:<architecture>` and its tokenizer. Returns `(model, tokenizer)`."""
+    architecture = name[len(TINY_PREFIX) :] or "qwen2"
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, architecture, seed=seed, attn_implementation=attn_implementation)
+    return model, tokenizer
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model name or path; the tiny tokenizer for `tiny:*` names."""
+    if is_tiny_model_name(name):
+        return build_tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(name)

@@ -1,0 +1,341 @@
+"""`SafeKeySFTTrainer`: TRL's `SFTTrainer` with the Query-Mask Modeling and Dual-Path Safety Head terms added."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from .config import SafeKeyConfig
+from .data import SAFEKEY_FEATURES, SafeKeyExample, featurize
+from .heads import HEAD_ATTRIBUTE, HEAD_WEIGHTS_NAME, DualPathSafetyHead, save_head_state, split_head_state
+from .losses import auxiliary_active, key_labels, safety_head_loss, safety_head_predictions, span_mask
+
+logger = logging.getLogger(__name__)
+
+
+class SafeKeyDataCollator(DataCollatorForLanguageModeling):
+    """TRL's language-modeling collator, also padding SafeKey's per-token masks and stacking its per-example spans."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        length = output["input_ids"].shape[1]
+        for name in ("key_mask", "query_mask"):
+            mask = torch.zeros(len(examples), length, dtype=torch.long)
+            for row, example in enumerate(examples):
+                mask[row, : len(example[name])] = torch.as_tensor(example[name], dtype=torch.long)
+            output[name] = mask
+        output["understanding_span"] = torch.tensor([example["understanding_span"] for example in examples])
+        output["prefix_end"] = torch.tensor([example["prefix_end"] for example in examples])
+        output["unsafe"] = torch.tensor([example["unsafe"] for example in examples], dtype=torch.float32)
+        return output
+
+
+@contextlib.contextmanager
+def capture_last_hidden_state(backbone: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the backbone's `last_hidden_state` during the block.
+
+    TRL's fused LM head runs the backbone and returns log-probabilities only, so the hidden states the safety head
+    needs are taken from the backbone's output as it passes, at no extra cost.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        captured["last_hidden_state"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class SafeKeySFTTrainer(SFTTrainer):
+    """SFT with SafeKey's two auxiliary objectives.
+
+    `compute_loss` = TRL's LM loss (fused LM head, unchanged) + `qmm_weight`·L_QMM + `head_weight`·(θ·L_U +
+    (1−θ)·L_prefix), the auxiliary terms on during the last `auxiliary_epochs` epochs.
+
+    Args:
+        model: A model name or path, or a loaded causal LM (PEFT-wrapped models too).
+        args: The [`SafeKeyConfig`].
+        train_dataset: Featurized rows (from [`featurize`] / [`load_safekey_dataset`]), or a list of
+            [`SafeKeyExample`] which is featurized here with `args.max_length`.
+        eval_dataset: Same forms as `train_dataset`.
+        processing_class: The tokenizer; loaded from `model` when omitted.
+        safety_head: A [`DualPathSafetyHead`] to train; a new one sized to the model by default.
+        **kwargs: Passed on to [`~trl.SFTTrainer`].
+    """
+
+    _tag_names = ["trl", "sft", "safekey"]
+    _name = "SafeKey"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        args: SafeKeyConfig | None = None,
+        train_dataset: Dataset | IterableDataset | list[SafeKeyExample] | None = None,
+        eval_dataset: Dataset | list[SafeKeyExample] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        safety_head: DualPathSafetyHead | None = None,
+        **kwargs: Any,
+    ):
+        args = args if args is not None else SafeKeyConfig(output_dir="safekey-output")
+        if not isinstance(args, SafeKeyConfig):
+            raise TypeError(f"`args` must be a SafeKeyConfig, got {type(args).__name__}.")
+        if processing_class is None:
+            from transformers import AutoTokenizer
+
+            name = model if isinstance(model, str) else model.config._name_or_path
+            processing_class = AutoTokenizer.from_pretrained(name)
+        train_dataset = self._featurize_if_needed(train_dataset, processing_class, args)
+        eval_dataset = self._featurize_if_needed(eval_dataset, processing_class, args)
+        if kwargs.get("data_collator") is None:
+            pad_token_id = processing_class.pad_token_id
+            if pad_token_id is None:
+                pad_token_id = processing_class.eos_token_id
+            kwargs["data_collator"] = SafeKeyDataCollator(
+                pad_token_id=pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        causal_lm = self._causal_lm()
+        if safety_head is None:
+            safety_head = DualPathSafetyHead(causal_lm.config.get_text_config().hidden_size)
+        # The head is a submodule of the model so that DDP, DeepSpeed and FSDP shard, sync and optimise it like the
+        # rest; `_save` writes it to its own file and keeps it out of the exported model.
+        setattr(causal_lm, HEAD_ATTRIBUTE, safety_head.to(self.args.device))
+        self._auxiliary_normalizers: torch.Tensor | None = None
+
+    @staticmethod
+    def _featurize_if_needed(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: SafeKeyConfig) -> Any:
+        if isinstance(dataset, list) and dataset and isinstance(dataset[0], SafeKeyExample):
+            dataset, _ = featurize(dataset, tokenizer, args.max_length)
+        if isinstance(dataset, Dataset):
+            missing = [name for name in ("input_ids", "labels", *SAFEKEY_FEATURES) if name not in dataset.column_names]
+            if missing:
+                raise ValueError(
+                    f"The dataset lacks the SafeKey feature column(s) {missing}. Build it with "
+                    "`safekey_trl.load_safekey_dataset` or `safekey_trl.featurize`."
+                )
+        return dataset
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Model parts
+
+    def _causal_lm(self) -> PreTrainedModel:
+        """The causal LM inside any accelerate or PEFT wrapper."""
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def safety_head(self) -> DualPathSafetyHead:
+        """The Dual-Path Safety Head being trained."""
+        return getattr(self._causal_lm(), HEAD_ATTRIBUTE)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *SAFEKEY_FEATURES]))
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Loss
+
+    def _auxiliary_active(self) -> bool:
+        num_train_epochs = self.state.num_train_epochs or math.ceil(self.args.num_train_epochs)
+        return auxiliary_active(self.state.epoch, num_train_epochs, self.args.auxiliary_epochs)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        """Also count, over the whole accumulated batch, K's tokens and the examples with K: the QMM and head terms
+        are normalised by these, as the LM term is by its token count, so that gradient accumulation and the number
+        of processes leave the loss unchanged."""
+        num_items_in_batch = super()._get_num_items_in_batch(batch_samples, device)
+        counts = torch.zeros(2, dtype=torch.long)
+        for batch in batch_samples:
+            if "key_mask" in batch:
+                counts[0] += int(batch["key_mask"].sum())
+                counts[1] += int(batch["key_mask"].any(dim=1).sum())
+        counts = counts.to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts).view(-1, 2).sum(dim=0)
+        self._auxiliary_normalizers = counts
+        return num_items_in_batch
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        mode = "train" if self.model.training else "eval"
+        safekey = {name: inputs.pop(name) for name in SAFEKEY_FEATURES if name in inputs}
+        if len(safekey) != len(SAFEKEY_FEATURES):
+            raise ValueError(f"The batch lacks SafeKey features: expected {SAFEKEY_FEATURES}, got {sorted(safekey)}.")
+        active = self._auxiliary_active()
+        causal_lm = self._causal_lm()
+        with capture_last_hidden_state(causal_lm.base_model) as captured:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        lm_loss = result[0] if return_outputs else result
+
+        # The LM term is normalised by the global token count, scaled up by the number of processes (TRL's
+        # `num_items_in_batch` logic). The auxiliary terms follow the same rule with their own counts.
+        global_normalization = num_items_in_batch is not None and self._auxiliary_normalizers is not None
+        process_scale = 1
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            process_scale = self.accelerator.num_processes // self.get_tp_size()
+        self._log_lm_loss(lm_loss, inputs["labels"], num_items_in_batch, process_scale, mode)
+
+        if not active:
+            return result
+        key_mask = safekey["key_mask"]
+        has_key = key_mask.any(dim=1)
+        key_tokens, key_examples = (
+            self._auxiliary_normalizers if global_normalization else (key_mask.sum(), has_key.sum())
+        )
+        qmm_sum, num_key_tokens, num_key_correct = self._query_masked_pass(model, inputs, safekey, has_key)
+        head_sum, num_head_correct = self._safety_head_pass(captured["last_hidden_state"], safekey, has_key)
+        loss = lm_loss
+        if qmm_sum is not None:
+            loss = loss + self.args.qmm_weight * qmm_sum / key_tokens.clamp(min=1) * process_scale
+        if head_sum is not None:
+            loss = loss + self.args.head_weight * head_sum / key_examples.clamp(min=1) * process_scale
+
+        metrics = torch.stack(
+            [
+                qmm_sum.detach() if qmm_sum is not None else torch.zeros((), device=key_mask.device),
+                num_key_tokens.to(torch.float32),
+                num_key_correct.to(torch.float32),
+                head_sum.detach() if head_sum is not None else torch.zeros((), device=key_mask.device),
+                num_head_correct.to(torch.float32),
+                has_key.sum().to(torch.float32),
+            ]
+        ).float()
+        qmm_total, key_total, key_correct, head_total, head_correct, examples = (
+            self.accelerator.gather_for_metrics(metrics.unsqueeze(0)).view(-1, 6).sum(dim=0).tolist()
+        )
+        if key_total > 0:
+            self._metrics[mode]["qmm_loss"].append(qmm_total / key_total)
+            self._metrics[mode]["qmm_key_accuracy"].append(key_correct / key_total)
+        if examples > 0:
+            self._metrics[mode]["head_loss"].append(head_total / examples)
+            self._metrics[mode]["head_accuracy"].append(head_correct / examples)
+        return (loss, result[1]) if return_outputs else loss
+
+    def _log_lm_loss(
+        self,
+        lm_loss: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+        process_scale: int,
+        mode: str,
+    ) -> None:
+        # TRL returns sum / num_items_in_batch · process_scale; log the per-token mean over this micro-batch instead.
+        local_tokens = (labels[:, 1:] != -100).sum()
+        if num_items_in_batch is None:
+            lm_sum = lm_loss.detach() * local_tokens.clamp(min=1)
+        else:
+            lm_sum = lm_loss.detach() / process_scale * torch.as_tensor(num_items_in_batch, device=lm_loss.device)
+        totals = torch.stack([lm_sum.float(), local_tokens.float()]).unsqueeze(0)
+        lm_total, token_total = self.accelerator.gather_for_metrics(totals).view(-1, 2).sum(dim=0).tolist()
+        if token_total > 0:
+            self._metrics[mode]["lm_loss"].append(lm_total / token_total)
+
+    def _query_masked_pass(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        safekey: dict[str, torch.Tensor],
+        has_key: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The second forward: the query hidden from attention, the LM loss on K's tokens only.
+
+        Runs only the examples that have K in range, only up to the last K token of the batch, and projects only K's
+        positions through the LM head (TRL's fused head). Returns the summed loss over K's tokens (None when no
+        example has K), their count and how many were predicted top-1.
+        """
+        zero = torch.zeros((), dtype=torch.long, device=has_key.device)
+        if not bool(has_key.any()) or self.args.qmm_weight == 0:
+            return None, zero, zero
+        key_mask = safekey["key_mask"][has_key]
+        positions = torch.arange(key_mask.shape[1], device=key_mask.device)
+        end = int((positions * key_mask).max()) + 1
+        key_mask = key_mask[:, :end]
+        input_ids = inputs["input_ids"][has_key, :end]
+        attention = safekey["query_mask"] if self.args.qmm_mask_query else inputs["attention_mask"]
+        outputs = model(
+            input_ids=input_ids,
+            attention_mask=attention[has_key, :end],
+            labels=key_labels(input_ids, key_mask),
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        return -outputs.log_probs.sum(), outputs.label_mask.sum(), outputs.is_top1.sum()
+
+    def _safety_head_pass(
+        self, hidden_states: torch.Tensor, safekey: dict[str, torch.Tensor], has_key: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The Dual-Path Safety Head on the main pass's last hidden states. Returns the summed per-example loss (None
+        when no example has K in range) and how many examples the head got right."""
+        zero = torch.zeros((), dtype=torch.long, device=has_key.device)
+        if not bool(has_key.any()) or self.args.head_weight == 0:
+            return None, zero
+        hidden_states = hidden_states[has_key]
+        if self.args.head_detach_hidden:
+            hidden_states = hidden_states.detach()
+        length = hidden_states.shape[1]
+        understanding = safekey["understanding_span"][has_key]
+        prefix_end = safekey["prefix_end"][has_key]
+        understanding_mask = span_mask(understanding[:, 0], understanding[:, 1], length)
+        prefix_mask = span_mask(torch.zeros_like(prefix_end), prefix_end, length)
+        understanding_logits, prefix_logits = self.safety_head(hidden_states, understanding_mask, prefix_mask)
+        unsafe = safekey["unsafe"][has_key]
+        theta = self.args.head_theta
+        loss = safety_head_loss(understanding_logits, prefix_logits, unsafe, theta).sum()
+        correct = (safety_head_predictions(understanding_logits, prefix_logits, theta) == unsafe.bool()).sum()
+        return loss, correct
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Saving and resuming
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save a clean causal LM (no head weights) and the head beside it in `safekey_head.safetensors`."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        head_state, model_state = split_head_state(state_dict)
+        if self.args.should_save and head_state:
+            save_head_state(head_state, output_dir)
+        super()._save(output_dir, state_dict=model_state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        head_file = Path(resume_from_checkpoint) / HEAD_WEIGHTS_NAME
+        if not head_file.is_file():
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint}: no {HEAD_WEIGHTS_NAME}; this checkpoint was not written by SafeKeySFTTrainer."
+            )
+        self.safety_head.load_state_dict(load_file(str(head_file), device=str(self.args.device)))
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # The head is not in the model's weights file (it has its own), so it is never a missing key
+        missing = [key for key in load_result.missing_keys if f"{HEAD_ATTRIBUTE}." not in key]
+        load_result.missing_keys.clear()
+        load_result.missing_keys.extend(missing)
+        super()._issue_warnings_after_load(load_result)
