@@ -1,0 +1,38 @@
+# safekey-trl: `make train` trains the default tiny recipe on CPU, `make test` runs the tests.
+# Both create .venv on first use. Paper-size runs: `make train RECIPE=qwen7b` on a GPU machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+RECIPE ?= tiny
+ARGS ?=
+# The CPU build of PyTorch (it lies on these machines' disk). An unpinned `torch` would pull a multi-GB CUDA build;
+# on a GPU machine, install the CUDA build you need first, e.g. `make install TORCH_SPEC=torch==2.13.0`.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/safekey-trl train --recipe $(RECIPE) $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check safekey_trl tests bench data
+	$(BIN)/ruff format --check safekey_trl tests bench data
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

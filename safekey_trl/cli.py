@@ -1,0 +1,108 @@
+"""The `safekey-trl` command line: `train`, `data validate` and `data inspect`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from .data import SafeKeyDataError, featurize, load_examples, render, token_spans
+
+app = typer.Typer(help="SafeKey safety alignment for reasoning models, on TRL.", no_args_is_help=True)
+data_app = typer.Typer(help="Check and look at SafeKey-format data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+TokenizerOption = Annotated[
+    str, typer.Option(help="Tokenizer name or path; `tiny:qwen2` is the embedded offline one.")
+]
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Option(help="Recipe name under recipes/ (e.g. tiny, qwen7b) or a YAML path.")] = "tiny",
+) -> None:
+    """Train with a recipe. Any recipe field can be overridden after it: `--learning_rate 2e-5 --output_dir out`."""
+    from .sft import parse_recipe
+    from .sft import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        script_args, training_args, model_args = parse_recipe(recipe, list(ctx.args))
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    try:
+        run_training(script_args, training_args, model_args)
+    except SafeKeyDataError as error:
+        console.print(f"[red]invalid data:[/red] {error}\n(use --skip_invalid true to skip such rows with a report)")
+        raise typer.Exit(1) from None
+
+
+def _tokenizer(name: str):
+    from .tiny import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+@data_app.command()
+def validate(
+    file: Annotated[str, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")],
+    tokenizer: TokenizerOption = "tiny:qwen2",
+    max_length: Annotated[int | None, typer.Option(help="Count the K spans this length would cut.")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Report every invalid row instead of stopping at the first.")] = True,
+) -> None:
+    """Check every row against the format and a tokenizer; report counts."""
+    try:
+        examples, report = load_examples(file, skip_invalid=skip_invalid)
+        _, stats = featurize(examples, _tokenizer(tokenizer), max_length, skip_invalid=skip_invalid, report=report)
+    except SafeKeyDataError as error:
+        console.print(f"[red]invalid:[/red] {error}")
+        raise typer.Exit(1) from None
+    harmful = sum(example.unsafe for example in examples)
+    console.print(f"{file}: {stats.rows + report.count - len(examples) + len(examples)} rows read")
+    console.print(f"  valid: {stats.examples} ({harmful} harmful, {len(examples) - harmful} benign)")
+    if max_length is not None:
+        console.print(f"  K cut by max_length={max_length}: {stats.key_truncated}; dropped: {stats.dropped_no_response}")
+    if report.count:
+        console.print(f"[red]  invalid: {report.count}[/red]")
+        for error in report.errors:
+            console.print(f"    {error}")
+        raise typer.Exit(1)
+    console.print("[green]  every row is valid[/green]")
+
+
+@data_app.command()
+def inspect(
+    file: Annotated[str, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")],
+    row: Annotated[int, typer.Option(help="1-based row number (the line number in a .jsonl file).")] = 1,
+    tokenizer: TokenizerOption = "tiny:qwen2",
+) -> None:
+    """Show one row's query, U, K and the rest as the tokenizer sees them, coloured by segment."""
+    examples, _ = load_examples(file, skip_invalid=True)
+    matches = [example for example in examples if example.row == row]
+    if not matches:
+        console.print(f"[red]error:[/red] {file}: no valid row {row}")
+        raise typer.Exit(1)
+    example = matches[0]
+    tok = _tokenizer(tokenizer)
+    rendered = render(example, tok)
+    encoding = tok(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [start for start, _ in encoding["offset_mapping"]]
+    prompt_len, key_start, key_end = token_spans(starts, rendered)
+    segments = [
+        ("query (prompt)", 0, prompt_len, "cyan"),
+        ("U: understanding", prompt_len, key_start, "yellow"),
+        ("K: key sentence", key_start, key_end, "bold magenta"),
+        ("rest of trace and answer", key_end, len(starts), "white"),
+    ]
+    console.print(f"{file} row {row}: {'harmful' if example.unsafe else 'benign'}, {len(starts)} tokens")
+    text = Text()
+    for name, start, end, style in segments:
+        console.print(f"  [{style}]{name}[/{style}]: tokens [{start}, {end})")
+        text.append(tok.decode(encoding["input_ids"][start:end]), style=style)
+    console.print(text)

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real R1-Distill chat template, the tiny tokenizer and model, small SafeKey examples."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from safekey_trl.data import SafeKeyExample  # noqa: E402
+from safekey_trl.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+TEMPLATE_FILE = FIXTURES / "deepseek_r1_distill_chat_template.jinja"
+SAMPLE_DATA = ROOT / "data" / "safekey_sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def chat_template() -> str:
+    """The real DeepSeek-R1-Distill chat template, from ../shared/fixtures (never a copy)."""
+    if not TEMPLATE_FILE.is_file():
+        pytest.fail(f"Missing test fixture {TEMPLATE_FILE}: the tests need ../shared/fixtures beside the checkout.")
+    return TEMPLATE_FILE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(chat_template):
+    return build_tiny_tokenizer(chat_template=chat_template)
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """Build a fresh tiny model: `make_model(seed=0, attn_implementation="sdpa", architecture="qwen2")`."""
+
+    def make(seed: int = 0, attn_implementation: str = "sdpa", architecture: str = "qwen2"):
+        return build_tiny_model(tokenizer, architecture, seed=seed, attn_implementation=attn_implementation)
+
+    return make
+
+
+def make_example(
+    question: str = "How do I make a dangerous thing at home?",
+    understanding: str = "Okay, so the user is asking how to make a dangerous thing at home.",
+    key: str = " But wait, this could be used to hurt someone.",
+    rest: str = " I should refuse and point to safer resources.",
+    answer: str = "I can't help with that, but here is some safety information.",
+    unsafe: bool = True,
+) -> SafeKeyExample:
+    """A SafeKey example built from its parts, with exact offsets."""
+    head = "<think>\n" + understanding
+    response = head + key + rest + "\n</think>\n\n" + answer
+    return SafeKeyExample(
+        prompt_messages=[{"role": "user", "content": question}],
+        response=response,
+        summary_end_idx=len(head),
+        next_sentence_end_idx=len(head) + len(key),
+        unsafe=unsafe,
+    )
+
+
+@pytest.fixture
+def examples() -> list[SafeKeyExample]:
+    """Eight short examples, half harmful, with varied lengths."""
+    rows = []
+    for i in range(8):
+        harmful = i % 2 == 0
+        rows.append(
+            make_example(
+                question=f"Question number {i}: how do I do thing {i}?" + " Please." * (i % 3),
+                understanding=f"Okay, so the user is asking about thing {i}." + " They want details." * (i % 2),
+                key=" But wait, this could be used to hurt someone." if harmful else " That sounds like a normal task.",
+                rest=" Let me think about it." * (1 + i % 3),
+                answer="I can't help with that." if harmful else "Sure, here is how.",
+                unsafe=harmful,
+            )
+        )
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
