@@ -6,7 +6,7 @@ from safekey_trl import SafeKeyConfig, SafeKeySFTTrainer
 
 
 def make_config(output_dir, **overrides) -> SafeKeyConfig:
-    """A CPU config for the tiny model: batch 4, the auxiliary terms on from the first epoch, nothing saved."""
+    """A float32 CPU config for the tiny model: batch 4, the auxiliary terms on from the first epoch, nothing saved."""
     settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=4,
@@ -17,6 +17,7 @@ def make_config(output_dir, **overrides) -> SafeKeyConfig:
         save_strategy="no",
         report_to=[],
         use_cpu=True,
+        bf16=False,  # TRL defaults to bf16 autocast; exact float32 on CPU
         seed=7,
         disable_tqdm=True,
     )
