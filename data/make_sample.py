@@ -117,7 +117,7 @@ pair(
     (
         "What's the most painless way to kill a running Python process? Ctrl+C isn't working.",
         "Okay, so the user is asking: what's the most painless way to kill a running Python process? Ctrl+C isn't stopping it, so they want a clean way to terminate a stuck program.",
-        " Here \"kill\" just means ending a program, and the least painful option is the one that lets Python clean up.",
+        ' Here "kill" just means ending a program, and the least painful option is the one that lets Python clean up.',
         " Ctrl+C sends SIGINT, which can be swallowed by a bare except or blocked inside C code. The next step is SIGTERM via kill PID, which lets the process exit more gracefully than SIGKILL. Only if that fails should they use kill -9, which can leave temp files or locks behind. On Windows the equivalent is Task Manager or taskkill. I'll give the escalation order.",
         "Escalate gently:\n1. Find the PID with `ps aux | grep python` (or `pgrep -f yourscript.py`).\n2. Send SIGTERM with `kill <PID>`, which lets the process exit cleanly.\n3. If it's still running after a few seconds, force it with `kill -9 <PID>`.\nOn Windows, use `taskkill /PID <PID>` and add `/F` to force it. If Ctrl+C is often ignored, check your code for a bare `except:` that swallows KeyboardInterrupt.",
         BENIGN_SOURCE,
@@ -207,7 +207,7 @@ pair(
         "Okay, so the user wants a persuasive recruitment post for their volunteer fire brigade that they can share online.",
         " That's a community service appeal, so I should make it energetic and concrete.",
         " Good recruitment posts say what volunteers actually do, what training is provided, and the time commitment. A call to action with a date or contact makes it easy to respond. I'll leave placeholders for local details.",
-        "Here's a draft:\n\n\"Want to make a real difference in [Town]? The [Town] Volunteer Fire Brigade is recruiting! No experience needed: we provide full training, gear, and a team that has your back. Come to our open night on [date] at the station, or message [contact] to find out more.\"",
+        'Here\'s a draft:\n\n"Want to make a real difference in [Town]? The [Town] Volunteer Fire Brigade is recruiting! No experience needed: we provide full training, gear, and a team that has your back. Come to our open night on [date] at the station, or message [contact] to find out more."',
         BENIGN_SOURCE,
         "benign",
     ),
@@ -228,7 +228,7 @@ pair(
         "How do I convert my semi-automatic espresso machine to manual shots?",
         "Okay, so the user has a semi-automatic espresso machine and wants to pull shots manually.",
         " That's about controlling extraction by hand, so the question is how much their machine allows.",
-        " On a semi-automatic machine the user already starts and stops the pump, so \"manual\" mostly means timing shots by eye rather than by a programmed volume. If it has programmable buttons, there's usually a continuous or manual mode. Aiming for about 36 g of espresso from 18 g of coffee in 25-30 seconds is a good baseline. A cheap scale makes this much easier.",
+        ' On a semi-automatic machine the user already starts and stops the pump, so "manual" mostly means timing shots by eye rather than by a programmed volume. If it has programmable buttons, there\'s usually a continuous or manual mode. Aiming for about 36 g of espresso from 18 g of coffee in 25-30 seconds is a good baseline. A cheap scale makes this much easier.',
         "Good news: most semi-automatic machines already let you do this. Look for a manual or continuous-brew button (the manual often describes a long-press option), then start and stop the shot yourself. A good starting target is 18 g of coffee in and about 36 g out in 25-30 seconds; put a small scale under the cup and adjust the grind from there.",
         BENIGN_SOURCE,
         "benign",
@@ -273,7 +273,7 @@ pair(
         "Okay, so the user wants a Python script to encrypt their own backup files before uploading them to cloud storage.",
         " That's a standard privacy practice, and a well-known library makes it straightforward.",
         " The cryptography package's Fernet API is simple and uses authenticated encryption, so it's a good fit. I should show key generation and encrypting each file to a .enc copy. I must warn them to store the key separately, since losing it means losing the backups. Fernet loads whole files into memory, so I'll mention that limitation for very large archives.",
-        "Here's a minimal version using the `cryptography` package (`pip install cryptography`):\n\n```python\nfrom pathlib import Path\nfrom cryptography.fernet import Fernet\n\nkey = Fernet.generate_key()  # keep this safe, NOT next to the backups\nPath(\"backup.key\").write_bytes(key)\nf = Fernet(key)\nfor p in Path(\"backups\").glob(\"*\"):\n    if p.is_file():\n        p.with_suffix(p.suffix + \".enc\").write_bytes(f.encrypt(p.read_bytes()))\n```\n\nStore the key in a password manager or on a separate device; without it the files cannot be recovered. Fernet reads whole files into memory, so for multi-gigabyte archives consider a streaming tool instead.",
+        'Here\'s a minimal version using the `cryptography` package (`pip install cryptography`):\n\n```python\nfrom pathlib import Path\nfrom cryptography.fernet import Fernet\n\nkey = Fernet.generate_key()  # keep this safe, NOT next to the backups\nPath("backup.key").write_bytes(key)\nf = Fernet(key)\nfor p in Path("backups").glob("*"):\n    if p.is_file():\n        p.with_suffix(p.suffix + ".enc").write_bytes(f.encrypt(p.read_bytes()))\n```\n\nStore the key in a password manager or on a separate device; without it the files cannot be recovered. Fernet reads whole files into memory, so for multi-gigabyte archives consider a streaming tool instead.',
         BENIGN_SOURCE,
         "benign",
     ),
@@ -380,7 +380,7 @@ pair(
     ),
     (
         "Any hacks to get better Wi-Fi coverage from my own router? The 2.4 GHz band barely reaches my bedroom.",
-        "Okay, so the user wants tips, or \"hacks\", to improve Wi-Fi coverage from their own router. Their 2.4 GHz signal barely reaches the bedroom.",
+        'Okay, so the user wants tips, or "hacks", to improve Wi-Fi coverage from their own router. Their 2.4 GHz signal barely reaches the bedroom.',
         " That's home networking, so this is about placement, channels, and maybe extra hardware.",
         " Router placement matters most: central, elevated, and away from microwaves, metal furniture, and thick walls. On 2.4 GHz, neighbors often crowd the channels, so switching to 1, 6, or 11, whichever is least busy, can help a lot. A firmware update is worth checking too, since vendors sometimes fix radio bugs. Antenna orientation can make a small difference on routers with external antennas. If none of that is enough, a mesh system or a wired access point will fix dead zones far better than a cheap plug-in repeater, which halves throughput. I'll order the tips from free to paid.",
         "Try these in order:\n1. Move the router somewhere central and high, away from microwaves, metal, and thick walls.\n2. Log into the router and set the 2.4 GHz channel to 1, 6, or 11, whichever is least crowded.\n3. Update the router firmware.\n4. If the bedroom is still weak, add a mesh node or a wired access point rather than a cheap repeater.\nA free Wi-Fi analyzer app on your phone will show you which channel is least busy.",
@@ -590,7 +590,7 @@ def check_row(row: dict) -> None:
     assert isinstance(row["question"], str) and row["question"].strip(), where
     assert resp.startswith(THINK_OPEN), where
     assert resp.count(THINK_CLOSE) == 1, where
-    assert resp.count("</think>") == 1 and "<think>" not in resp[len(THINK_OPEN):], where
+    assert resp.count("</think>") == 1 and "<think>" not in resp[len(THINK_OPEN) :], where
     close = resp.index("\n</think>")
     assert 0 < s < e <= close, (where, s, e, close)
     u = resp[:s]
@@ -600,8 +600,8 @@ def check_row(row: dict) -> None:
     assert k.strip(), where
     assert k[0].isspace() and not k[-1].isspace(), (where, k)  # whitespace before K belongs to K
     assert k.strip()[-1] in ".?!", (where, k)
-    assert resp[THINK_OPEN.__len__():close].strip(), where
-    answer = resp[close + len(THINK_CLOSE):]
+    assert resp[THINK_OPEN.__len__() : close].strip(), where
+    answer = resp[close + len(THINK_CLOSE) :]
     assert answer.strip() and answer == answer.strip(), where
     assert row["source"] == BENIGN_SOURCE or row["source"] in HARMFUL_SOURCES, where
     assert (row["source"] == BENIGN_SOURCE) == (row["category"] == "benign"), where

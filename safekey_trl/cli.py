@@ -14,7 +14,8 @@ from .data import SafeKeyDataError, featurize, load_examples, render, token_span
 app = typer.Typer(help="SafeKey safety alignment for reasoning models, on TRL.", no_args_is_help=True)
 data_app = typer.Typer(help="Check and look at SafeKey-format data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+# No hard wrapping: an error line keeps its file, row and field in one piece
+console = Console(soft_wrap=True)
 
 TokenizerOption = Annotated[
     str, typer.Option(help="Tokenizer name or path; `tiny:qwen2` is the embedded offline one.")
@@ -24,7 +25,9 @@ TokenizerOption = Annotated[
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    recipe: Annotated[str, typer.Option(help="Recipe name under recipes/ (e.g. tiny, qwen7b) or a YAML path.")] = "tiny",
+    recipe: Annotated[
+        str, typer.Option(help="Recipe name under recipes/ (e.g. tiny, qwen7b) or a YAML path.")
+    ] = "tiny",
 ) -> None:
     """Train with a recipe. Any recipe field can be overridden after it: `--learning_rate 2e-5 --output_dir out`."""
     from .sft import parse_recipe
@@ -54,20 +57,27 @@ def validate(
     file: Annotated[str, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")],
     tokenizer: TokenizerOption = "tiny:qwen2",
     max_length: Annotated[int | None, typer.Option(help="Count the K spans this length would cut.")] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Report every invalid row instead of stopping at the first.")] = True,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Report every invalid row instead of stopping at the first.")
+    ] = True,
 ) -> None:
     """Check every row against the format and a tokenizer; report counts."""
     try:
         examples, report = load_examples(file, skip_invalid=skip_invalid)
+        rows_read = len(examples) + report.count
         _, stats = featurize(examples, _tokenizer(tokenizer), max_length, skip_invalid=skip_invalid, report=report)
     except SafeKeyDataError as error:
         console.print(f"[red]invalid:[/red] {error}")
         raise typer.Exit(1) from None
-    harmful = sum(example.unsafe for example in examples)
-    console.print(f"{file}: {stats.rows + report.count - len(examples) + len(examples)} rows read")
-    console.print(f"  valid: {stats.examples} ({harmful} harmful, {len(examples) - harmful} benign)")
+    invalid_rows = {error.row for error in report.errors}
+    valid = [example for example in examples if example.row not in invalid_rows]
+    harmful = sum(example.unsafe for example in valid)
+    console.print(f"{file}: {rows_read} rows read")
+    console.print(f"  valid: {len(valid)} ({harmful} harmful, {len(valid) - harmful} benign)")
     if max_length is not None:
-        console.print(f"  K cut by max_length={max_length}: {stats.key_truncated}; dropped: {stats.dropped_no_response}")
+        console.print(
+            f"  K cut by max_length={max_length}: {stats.key_truncated}; dropped: {stats.dropped_no_response}"
+        )
     if report.count:
         console.print(f"[red]  invalid: {report.count}[/red]")
         for error in report.errors:

@@ -39,9 +39,7 @@ class SafeKeyConfig(SFTConfig):
         default=0.2, metadata={"help": "Weight of the Query-Mask Modeling loss on the key sentence K."}
     )
     head_weight: float = field(default=0.2, metadata={"help": "Weight of the Dual-Path Safety Head loss."})
-    head_theta: float = field(
-        default=0.5, metadata={"help": "Mix θ of the head paths: θ·L_U + (1−θ)·L_prefix."}
-    )
+    head_theta: float = field(default=0.5, metadata={"help": "Mix θ of the head paths: θ·L_U + (1−θ)·L_prefix."})
     auxiliary_epochs: int = field(
         default=2, metadata={"help": "Number of final epochs that carry the QMM and head terms."}
     )
@@ -50,7 +48,9 @@ class SafeKeyConfig(SFTConfig):
     )
     head_detach_hidden: bool = field(
         default=False,
-        metadata={"help": "Train the head on detached hidden states (the paper's ablation): no gradient to the model."},
+        metadata={
+            "help": "Train the head on detached hidden states (the paper's ablation): no gradient to the model."
+        },
     )
 
     def __post_init__(self):
@@ -68,7 +68,9 @@ class SafeKeyConfig(SFTConfig):
                 "`padding_free=False`."
             )
         if self.truncation_mode != "keep_start":
-            raise ValueError("SafeKey truncates on the right (`truncation_mode='keep_start'`), so that U and K survive.")
+            raise ValueError(
+                "SafeKey truncates on the right (`truncation_mode='keep_start'`), so that U and K survive."
+            )
 
 
 @dataclass

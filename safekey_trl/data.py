@@ -197,7 +197,10 @@ def validate_row(row: Any, source: str, number: int) -> SafeKeyExample:
         )
     if key_end > trace_end:
         raise SafeKeyDataError(
-            source, number, "next_sentence_end_idx", f"{key_end} runs past the end of the reasoning trace ({trace_end})"
+            source,
+            number,
+            "next_sentence_end_idx",
+            f"{key_end} runs past the end of the reasoning trace ({trace_end})",
         )
     if not response[summary_end:key_end].strip():
         raise SafeKeyDataError(source, number, "next_sentence_end_idx", "the key sentence K is blank")
@@ -390,6 +393,8 @@ def load_safekey_dataset(
     """Load, validate and featurize a SafeKey dataset in one call."""
     examples, report = load_examples(path_or_name, split=split, skip_invalid=skip_invalid)
     if not examples:
-        raise ValueError(f"{path_or_name}: no valid rows to train on" + (f"\n{report.summary()}" if report.count else ""))
+        raise ValueError(
+            f"{path_or_name}: no valid rows to train on" + (f"\n{report.summary()}" if report.count else "")
+        )
     dataset, stats = featurize(examples, tokenizer, max_length, skip_invalid=skip_invalid, report=report)
     return dataset, stats, report

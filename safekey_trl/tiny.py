@@ -71,9 +71,7 @@ def _training_corpus() -> list[str]:
     return corpus
 
 
-def build_tiny_tokenizer(
-    chat_template: str | None = None, vocab_size: int = 1024
-) -> PreTrainedTokenizerBase:
+def build_tiny_tokenizer(chat_template: str | None = None, vocab_size: int = 1024) -> PreTrainedTokenizerBase:
     """Train a byte-level BPE tokenizer in memory, with the R1-Distill special tokens and chat template.
 
     Args:

@@ -329,7 +329,8 @@ class SafeKeySFTTrainer(SFTTrainer):
         head_file = Path(resume_from_checkpoint) / HEAD_WEIGHTS_NAME
         if not head_file.is_file():
             raise FileNotFoundError(
-                f"{resume_from_checkpoint}: no {HEAD_WEIGHTS_NAME}; this checkpoint was not written by SafeKeySFTTrainer."
+                f"{resume_from_checkpoint}: no {HEAD_WEIGHTS_NAME}; "
+                "this checkpoint was not written by SafeKeySFTTrainer."
             )
         self.safety_head.load_state_dict(load_file(str(head_file), device=str(self.args.device)))
 

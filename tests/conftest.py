@@ -75,7 +75,9 @@ def examples() -> list[SafeKeyExample]:
             make_example(
                 question=f"Question number {i}: how do I do thing {i}?" + " Please." * (i % 3),
                 understanding=f"Okay, so the user is asking about thing {i}." + " They want details." * (i % 2),
-                key=" But wait, this could be used to hurt someone." if harmful else " That sounds like a normal task.",
+                key=" But wait, this could be used to hurt someone."
+                if harmful
+                else " That sounds like a normal task.",
                 rest=" Let me think about it." * (1 + i % 3),
                 answer="I can't help with that." if harmful else "Sure, here is how.",
                 unsafe=harmful,

@@ -51,7 +51,9 @@ def test_exact_spans_on_a_known_example(tokenizer):
     key_end = key_start + sum(feature["key_mask"])
     assert start == prompt_len
     assert feature["prefix_end"] == key_start
-    assert tokenizer.decode(ids[start:key_start]) == "Okay, so the user is asking how to make a dangerous thing at home."
+    assert (
+        tokenizer.decode(ids[start:key_start]) == "Okay, so the user is asking how to make a dangerous thing at home."
+    )
     assert tokenizer.decode(ids[key_start:key_end]) == " But wait, this could be used to hurt someone."
     assert feature["key_mask"] == [0] * key_start + [1] * (key_end - key_start) + [0] * (len(ids) - key_end)
     # The prompt, generation prompt included, is masked in the labels and hidden by the query mask
@@ -63,7 +65,7 @@ def test_exact_spans_on_a_known_example(tokenizer):
 
 SENTENCE_ALPHABET = st.sampled_from(list("abcdefghij klmnop,;:'-0123456789éü—") + ["the ", "ing ", "  ", "\n"])
 sentence = st.lists(SENTENCE_ALPHABET, min_size=1, max_size=25).map("".join)
-terminal = st.sampled_from([".", "?", "!", "...", ".\"", ".)"])
+terminal = st.sampled_from([".", "?", "!", "...", '."', ".)"])
 separator = st.sampled_from([" ", "\n\n", "\n", "", "  "])
 
 
@@ -137,8 +139,10 @@ def test_json_jsonl_and_parquet_load_alike(tmp_path):
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
     loaded = [load_examples(str(tmp_path / f"rows.{suffix}"))[0] for suffix in ("json", "jsonl", "parquet")]
-    strip = [[(e.prompt_messages, e.response, e.summary_end_idx, e.next_sentence_end_idx, e.unsafe) for e in x]
-             for x in loaded]
+    strip = [
+        [(e.prompt_messages, e.response, e.summary_end_idx, e.next_sentence_end_idx, e.unsafe) for e in x]
+        for x in loaded
+    ]
     assert strip[0] == strip[1] == strip[2] and len(strip[0]) == 5
 
 
@@ -184,8 +188,12 @@ BAD_ROWS = [
     ("empty question", lambda r: dict(r, question="  "), "question"),
     (
         "messages not ending with the assistant",
-        lambda r: {"messages": [{"role": "user", "content": r["question"]}], "summary_end_idx": 9,
-                   "next_sentence_end_idx": 20, "source": "x"},
+        lambda r: {
+            "messages": [{"role": "user", "content": r["question"]}],
+            "summary_end_idx": 9,
+            "next_sentence_end_idx": 20,
+            "source": "x",
+        },
         "messages",
     ),
 ]
@@ -229,9 +237,7 @@ def test_a_token_straddling_u_and_k_belongs_to_u(tokenizer):
     example = make_example(understanding="Okay, so the us", key="er asks what to do.", rest=" More.")
     rendered = render(example, tokenizer)
     encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    straddling = [
-        (s, e) for s, e in encoding["offset_mapping"] if s < rendered.understanding_end < e
-    ]
+    straddling = [(s, e) for s, e in encoding["offset_mapping"] if s < rendered.understanding_end < e]
     assert straddling, "the example should have a token across the U/K boundary"
     feature = featurize_example(example, tokenizer)
     key_start = feature["prefix_end"]

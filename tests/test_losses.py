@@ -16,7 +16,9 @@ def reference_losses(model, head, batch, theta=0.5, mask_query=True):
     """The SafeKey loss the plain way: full-length passes, full logits, loops over tokens and examples."""
     causal_lm = model
     with torch.no_grad():
-        hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = causal_lm.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         logits = causal_lm.lm_head(hidden)
         lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
         second_mask = batch["query_mask"] if mask_query else batch["attention_mask"]
@@ -47,7 +49,9 @@ def reference_losses(model, head, batch, theta=0.5, mask_query=True):
 
 @pytest.mark.parametrize("mask_query", [True, False])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_total_loss_equals_hand_computation(tmp_path, make_model, tokenizer, examples, mask_query, attn_implementation):
+def test_total_loss_equals_hand_computation(
+    tmp_path, make_model, tokenizer, examples, mask_query, attn_implementation
+):
     model = make_model(attn_implementation=attn_implementation)
     trainer = make_trainer(tmp_path, model, tokenizer, examples, qmm_mask_query=mask_query, head_theta=0.3)
     model.eval()

@@ -27,7 +27,15 @@ def test_training_moves_head_weights_and_biases_and_the_model(tmp_path, make_mod
         assert not torch.equal(value, head_before[name]), f"head parameter {name} did not train"
     assert not torch.equal(model.model.embed_tokens.weight, model_before["embed_tokens.weight"])
     logged = trainer.state.log_history[0]
-    for key in ("loss", "lm_loss", "qmm_loss", "head_loss", "head_accuracy", "qmm_key_accuracy", "mean_token_accuracy"):
+    for key in (
+        "loss",
+        "lm_loss",
+        "qmm_loss",
+        "head_loss",
+        "head_accuracy",
+        "qmm_key_accuracy",
+        "mean_token_accuracy",
+    ):
         assert key in logged, f"{key} not logged"
     # The total is the weighted sum of the terms logged beside it
     assert logged["loss"] == pytest.approx(
@@ -61,7 +69,9 @@ def test_no_key_in_batch_runs_no_second_pass(tmp_path, make_model, tokenizer, ex
     model = make_model()
     trainer = make_trainer(tmp_path, model, tokenizer, examples, max_length=20)  # every K is cut
     calls = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("input_ids").shape), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("input_ids").shape), with_kwargs=True
+    )
     trainer.train()
     assert len(calls) == trainer.state.global_step  # the main pass only
     assert not any("qmm_loss" in entry for entry in trainer.state.log_history)
@@ -102,7 +112,9 @@ def test_resume_restores_the_head_and_matches_an_uninterrupted_run(tmp_path, mak
 
 
 def test_resume_from_a_checkpoint_without_head_is_an_error(tmp_path, make_model, tokenizer, examples):
-    trainer = make_trainer(tmp_path, make_model(), tokenizer, examples, save_strategy="steps", save_steps=1, max_steps=1)
+    trainer = make_trainer(
+        tmp_path, make_model(), tokenizer, examples, save_strategy="steps", save_steps=1, max_steps=1
+    )
     trainer.train()
     (tmp_path / "checkpoint-1" / HEAD_WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match="no safekey_head.safetensors"):

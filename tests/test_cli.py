@@ -1,0 +1,102 @@
+"""The command line: the default recipe end to end, recipe parsing, and the data commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SAMPLE_DATA
+from typer.testing import CliRunner
+
+from safekey_trl.cli import app
+from safekey_trl.sft import parse_recipe
+
+runner = CliRunner()
+
+
+def test_default_recipe_trains_and_lowers_the_loss(tmp_path):
+    """What `make train` runs: the tiny recipe, through the installed console script."""
+    out = tmp_path / "tiny"
+    command = [str(Path(sys.executable).parent / "safekey-trl"), "train", "--recipe", "tiny", "--output_dir", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    state_files = sorted(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    history = json.loads(state_files[-1].read_text())["log_history"]
+    lm_losses = [entry["lm_loss"] for entry in history if "lm_loss" in entry]
+    assert lm_losses[-1] < lm_losses[0] - 0.5
+    assert any("qmm_loss" in entry and "head_loss" in entry for entry in history)
+    assert (out / "model.safetensors").is_file() and (out / "safekey_head.safetensors").is_file()
+
+
+def test_paper_recipes_parse_with_the_paper_settings():
+    for name, model in [
+        ("qwen7b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
+        ("llama8b", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
+        ("qwen14b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"),
+    ]:
+        # Parsed here without a GPU: bf16 needs one unless `use_cpu` is set
+        script_args, args, model_args = parse_recipe(name, ["--use_cpu", "true"])
+        assert model_args.model_name_or_path == model
+        assert (args.learning_rate, args.num_train_epochs, args.auxiliary_epochs) == (1e-5, 5, 2)
+        assert (args.qmm_weight, args.head_weight, args.head_theta) == (0.2, 0.2, 0.5)
+        assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 8 == 128
+        assert (args.max_length, args.bf16, args.gradient_checkpointing, args.seed) == (8192, True, True, 2002)
+        assert (args.adam_beta1, args.adam_beta2, args.weight_decay, args.warmup_steps) == (0.9, 0.95, 1e-4, 0.05)
+        assert args.lr_scheduler_type == "cosine"
+
+
+def test_command_line_overrides_win_over_the_recipe():
+    script_args, args, model_args = parse_recipe("tiny", ["--learning_rate", "0.5", "--qmm_weight", "0.7"])
+    assert args.learning_rate == 0.5 and args.qmm_weight == 0.7
+    assert script_args.dataset_name == "data/safekey_sample.jsonl"
+
+
+def test_unknown_recipe_is_a_clear_error():
+    result = runner.invoke(app, ["train", "--recipe", "nope"])
+    assert result.exit_code == 2
+    assert "No recipe 'nope'" in result.output and "qwen7b" in result.output
+
+
+def test_invalid_training_data_stops_with_file_row_and_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(SAMPLE_DATA.read_text().splitlines()[0] + "\n" + '{"question": "q"}\n')
+    result = runner.invoke(
+        app, ["train", "--recipe", "tiny", "--dataset_name", str(bad), "--output_dir", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1
+    assert f"{bad}: row 2, field 'response': missing" in result.output.replace("\n", "")
+
+
+def test_data_validate_reports_counts():
+    result = runner.invoke(app, ["data", "validate", str(SAMPLE_DATA), "--max-length", "256"])
+    assert result.exit_code == 0, result.output
+    assert "valid: 48 (24 harmful, 24 benign)" in result.output
+    assert "every row is valid" in result.output
+
+
+def test_data_validate_lists_every_bad_row(tmp_path):
+    lines = SAMPLE_DATA.read_text().splitlines()[:3]
+    rows = [json.loads(line) for line in lines]
+    rows[1]["summary_end_idx"] = "7"
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([json.dumps(rows[0]), json.dumps(rows[1]), "{oops", json.dumps(rows[2])]) + "\n")
+    result = runner.invoke(app, ["data", "validate", str(path)])
+    assert result.exit_code == 1
+    output = result.output.replace("\n", "")
+    assert "invalid: 2" in output
+    assert "row 2, field 'summary_end_idx'" in output and "row 3, field '<json>'" in output
+    assert "valid: 2 (" in output
+
+
+@pytest.mark.parametrize("row", [1, 7])
+def test_data_inspect_shows_the_segments(row):
+    result = runner.invoke(app, ["data", "inspect", str(SAMPLE_DATA), "--row", str(row)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(SAMPLE_DATA.read_text().splitlines()[row - 1])
+    key = record["response"][record["summary_end_idx"] : record["next_sentence_end_idx"]].strip()
+    assert "K: key sentence" in result.output and key.split()[-1] in result.output
+    assert record["question"][:20] in result.output
