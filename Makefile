@@ -30,6 +30,9 @@ train: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q $(ARGS)
 
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_safekey.py $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check safekey_trl tests bench data
 	$(BIN)/ruff format --check safekey_trl tests bench data

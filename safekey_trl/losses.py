@@ -30,11 +30,6 @@ def safety_head_predictions(
     return probability >= 0.5
 
 
-def key_labels(input_ids: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """Labels for the query-masked pass: K's tokens, -100 everywhere else."""
-    return input_ids.masked_fill(key_mask == 0, -100)
-
-
 def auxiliary_active(epoch: float | None, num_train_epochs: int, auxiliary_epochs: int) -> bool:
     """Whether the SafeKey terms are on during the epoch that `epoch` (Trainer's fractional count) is in.
 

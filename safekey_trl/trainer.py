@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from safetensors.torch import load_file
 from torch import nn
@@ -20,7 +21,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from .config import SafeKeyConfig
 from .data import SAFEKEY_FEATURES, SafeKeyExample, featurize
 from .heads import HEAD_ATTRIBUTE, HEAD_WEIGHTS_NAME, DualPathSafetyHead, save_head_state, split_head_state
-from .losses import auxiliary_active, key_labels, safety_head_loss, safety_head_predictions, span_mask
+from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class SafeKeySFTTrainer(SFTTrainer):
             from transformers import AutoTokenizer
 
             name = model if isinstance(model, str) else model.config._name_or_path
+            if not name:
+                raise ValueError("The model has no name or path to load a tokenizer from: pass `processing_class`.")
             processing_class = AutoTokenizer.from_pretrained(name)
         train_dataset = self._featurize_if_needed(train_dataset, processing_class, args)
         eval_dataset = self._featurize_if_needed(eval_dataset, processing_class, args)
@@ -266,9 +269,10 @@ class SafeKeySFTTrainer(SFTTrainer):
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The second forward: the query hidden from attention, the LM loss on K's tokens only.
 
-        Runs only the examples that have K in range, only up to the last K token of the batch, and projects only K's
-        positions through the LM head (TRL's fused head). Returns the summed loss over K's tokens (None when no
-        example has K), their count and how many were predicted top-1.
+        Runs only the examples that have K in range, only up to the last K token of the batch, and projects through
+        the LM head only the positions that predict a K token (`logits_to_keep`), on every device. The call goes
+        through the (possibly DDP/FSDP/DeepSpeed-wrapped) model like the main pass. Returns the summed loss over K's
+        tokens (None when no example has K), their count and how many were predicted top-1.
         """
         zero = torch.zeros((), dtype=torch.long, device=has_key.device)
         if not bool(has_key.any()) or self.args.qmm_weight == 0:
@@ -279,14 +283,27 @@ class SafeKeySFTTrainer(SFTTrainer):
         key_mask = key_mask[:, :end]
         input_ids = inputs["input_ids"][has_key, :end]
         attention = safekey["query_mask"] if self.args.qmm_mask_query else inputs["attention_mask"]
+        # Position p predicts token p + 1: project only the positions just before a K token, row by row
+        predicts_key = torch.zeros_like(key_mask, dtype=torch.bool)
+        predicts_key[:, :-1] = key_mask[:, 1:].bool()
         outputs = model(
             input_ids=input_ids,
             attention_mask=attention[has_key, :end],
-            labels=key_labels(input_ids, key_mask),
-            fused_lm_head=True,
+            logits_to_keep=predicts_key,
+            fused_lm_head=False,
             use_cache=False,
         )
-        return -outputs.log_probs.sum(), outputs.label_mask.sum(), outputs.is_top1.sum()
+        logits = outputs.logits.float()  # (K tokens, vocab)
+        targets = input_ids[:, 1:][predicts_key[:, :-1]]
+        if logits.shape[:-1] != targets.shape:
+            raise RuntimeError(
+                f"{type(self._causal_lm()).__name__} ignored the boolean `logits_to_keep` mask of the query-masked "
+                f"pass (logits {tuple(logits.shape)} for {targets.numel()} K tokens); SafeKey needs a transformers "
+                "causal LM that supports it."
+            )
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        correct = (logits.argmax(dim=-1) == targets).sum()
+        return loss, torch.as_tensor(targets.numel(), device=targets.device), correct
 
     def _safety_head_pass(
         self, hidden_states: torch.Tensor, safekey: dict[str, torch.Tensor], has_key: torch.Tensor

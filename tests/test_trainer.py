@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_trainer
+from helpers import make_config, make_trainer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -150,11 +150,26 @@ def test_trainer_rejects_a_dataset_without_safekey_features(tmp_path, make_model
 
 
 def test_config_rejects_packing_and_bad_weights(tmp_path):
-    from helpers import make_config
-
     with pytest.raises(ValueError, match="packing=False"):
         make_config(tmp_path, packing=True)
     with pytest.raises(ValueError, match="head_theta"):
         make_config(tmp_path, head_theta=1.5)
     with pytest.raises(ValueError, match="qmm_weight"):
         make_config(tmp_path, qmm_weight=-0.1)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_trains_the_head(tmp_path, make_model, tokenizer, examples):
+    losses = {}
+    for checkpointing in (False, True):
+        model = make_model()
+        trainer = make_trainer(tmp_path, model, tokenizer, examples, gradient_checkpointing=checkpointing, max_steps=1)
+        head_before = snapshot(trainer.safety_head)
+        trainer.train()
+        losses[checkpointing] = trainer.state.log_history[0]["loss"]
+        assert not torch.equal(trainer.safety_head.prefix_head.bias, head_before["prefix_head.bias"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_a_model_without_a_name_needs_a_tokenizer(tmp_path, make_model, examples):
+    with pytest.raises(ValueError, match="pass `processing_class`"):
+        SafeKeySFTTrainer(make_model(), make_config(tmp_path), train_dataset=examples)

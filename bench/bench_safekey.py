@@ -1,0 +1,261 @@
+"""What SafeKey costs over plain SFT: step time and peak memory, against TRL's SFTTrainer and the paper's way.
+
+Runs, in one process and on the same batches:
+  1. plain TRL `SFTTrainer` training steps (the floor),
+  2. `SafeKeySFTTrainer` (fused LM head, last hidden state only, a short query-masked pass scoring K only),
+  3. a reference-style SafeKey step mirroring the paper's computation: every hidden state, the full logits for the
+     LM loss, and a second full-length forward building the full logits again to score K.
+
+The model is a scaled-down Qwen2 that keeps the ratio that matters: Qwen's 152,064-token vocabulary against a small
+hidden size. U+K end near 12% of each sequence, as in real traces. Peak memory is the growth of the process's peak
+resident set over the step (CPU; the high-water mark is reset before each step) or `torch.cuda.max_memory_allocated`
+growth (GPU).
+
+    python bench/bench_safekey.py                       # CPU, lengths 1024 2048 4096
+    python bench/bench_safekey.py --device cuda --dtype bfloat16 --attn flash_attention_2
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from safekey_trl import DualPathSafetyHead, SafeKeyConfig, SafeKeySFTTrainer  # noqa: E402
+from safekey_trl.losses import safety_head_loss, span_mask  # noqa: E402
+from safekey_trl.tiny import build_tiny_tokenizer  # noqa: E402
+
+METHODS = ("plain SFT", "SafeKey", "reference")
+
+
+def make_batch(length: int, batch_size: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """A SafeKey batch: prompt to 4% of the sequence, U to 10%, K to 12.5%, then the rest of the trace and answer."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(10, vocab, (batch_size, length), generator=generator)
+    prompt_end, key_start, key_end = int(0.04 * length), int(0.10 * length), int(0.125 * length)
+    positions = torch.arange(length).expand(batch_size, length)
+    labels = input_ids.masked_fill(positions < prompt_end, -100)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "key_mask": ((positions >= key_start) & (positions < key_end)).long(),
+        "query_mask": (positions >= prompt_end).long(),
+        "understanding_span": torch.tensor([[prompt_end, key_start]] * batch_size),
+        "prefix_end": torch.tensor([key_start] * batch_size),
+        "unsafe": torch.tensor([float(i % 2) for i in range(batch_size)]),
+    }
+
+
+def make_model(args: argparse.Namespace) -> torch.nn.Module:
+    config = Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max(args.lengths) + 1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn, dtype=getattr(torch, args.dtype))
+    return model.to(args.device)
+
+
+def trainer_step(trainer: SFTTrainer, sft_only: bool) -> Callable[[dict], float]:
+    trainer.create_optimizer()
+
+    def step(batch: dict) -> float:
+        if sft_only:
+            batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        inputs = batch
+        inputs = {k: v.to(trainer.args.device) for k, v in inputs.items()}
+        num_items = trainer._get_num_items_in_batch([inputs], trainer.args.device)
+        loss = trainer.training_step(trainer.model, dict(inputs), num_items)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def reference_step(model: torch.nn.Module, args: argparse.Namespace) -> Callable[[dict], float]:
+    """The paper's computation: all hidden states, full logits twice, a full-length second pass."""
+    head = DualPathSafetyHead(model.config.hidden_size).to(args.device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-5)
+
+    def step(batch: dict) -> float:
+        batch = {k: v.to(args.device) for k, v in batch.items()}
+        with torch.autocast(args.device, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32"):
+            outputs = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                output_hidden_states=True,
+            )
+            hidden = outputs.hidden_states[-1]
+            length = hidden.shape[1]
+            span = batch["understanding_span"]
+            understanding_logits, prefix_logits = head(
+                hidden,
+                span_mask(span[:, 0], span[:, 1], length),
+                span_mask(torch.zeros_like(batch["prefix_end"]), batch["prefix_end"], length),
+            )
+            head_loss = safety_head_loss(understanding_logits, prefix_logits, batch["unsafe"], 0.5).mean()
+            masked = model(input_ids=batch["input_ids"], attention_mask=batch["query_mask"], output_hidden_states=True)
+            key_labels = batch["input_ids"].masked_fill(batch["key_mask"] == 0, -100)
+            qmm_loss = F.cross_entropy(
+                masked.logits[:, :-1].flatten(0, 1).float(), key_labels[:, 1:].flatten(), ignore_index=-100
+            )
+            loss = outputs.loss + 0.2 * qmm_loss + 0.2 * head_loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"{field}:\s+(\d+)", status.read()).group(1))
+
+
+def time_steps(step: Callable[[dict], float], batch: dict, args: argparse.Namespace) -> float:
+    """Median step time (s) over `args.steps` steps after a warm-up step."""
+    step(batch)  # warm-up: optimizer states, kernels
+    times = []
+    for _ in range(args.steps):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(batch)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fix_mmap_threshold() -> None:
+    """Make glibc serve every large allocation with mmap, so that freed buffers leave the resident set at once and
+    the resident set before a step is a fair baseline. Done after the timings: mmap's page faults slow every step."""
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def peak_memory(step: Callable[[dict], float], batch: dict, args: argparse.Namespace) -> float:
+    """Peak memory growth (MiB) over one step."""
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(batch)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    else:
+        baseline = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset the peak resident set (VmHWM)
+        step(batch)
+        peak = (_status_kib("VmHWM") - baseline) / 1024
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
+    parser.add_argument("--vocab", type=int, default=152064)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    tokenizer = build_tiny_tokenizer()  # only its pad token is used: the batches are token ids already
+    dummy = Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    common = dict(
+        per_device_train_batch_size=args.batch_size,
+        report_to=[],
+        use_cpu=args.device == "cpu",
+        bf16=args.dtype == "bfloat16",
+        learning_rate=1e-5,
+        disable_tqdm=True,
+    )
+    output_dir = tempfile.mkdtemp()
+    plain = SFTTrainer(
+        make_model(args),
+        SFTConfig(output_dir=output_dir, **common),
+        train_dataset=dummy,
+        processing_class=tokenizer,
+    )
+    safekey_dummy = Dataset.from_dict(
+        {
+            "input_ids": [[1, 2, 3]],
+            "labels": [[1, 2, 3]],
+            "key_mask": [[0, 0, 1]],
+            "query_mask": [[0, 1, 1]],
+            "understanding_span": [[1, 2]],
+            "prefix_end": [2],
+            "unsafe": [1],
+        }
+    )
+    safekey = SafeKeySFTTrainer(
+        make_model(args),
+        SafeKeyConfig(output_dir=output_dir, num_train_epochs=1, auxiliary_epochs=1, **common),
+        train_dataset=safekey_dummy,
+        processing_class=tokenizer,
+    )
+    steps = {
+        "plain SFT": trainer_step(plain, sft_only=True),
+        "SafeKey": trainer_step(safekey, sft_only=False),
+        "reference": reference_step(make_model(args), args),
+    }
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} threads"
+    print(
+        f"# SafeKey step cost: Qwen2 vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, batch "
+        f"{args.batch_size}, {args.dtype}, {args.attn}, {device}; torch {torch.__version__}"
+    )
+    print(f"# time: median of {args.steps} steps after a warm-up; memory: peak growth over one step (MiB)\n")
+    batches = {length: make_batch(length, args.batch_size, args.vocab, seed=length) for length in args.lengths}
+    times = {(length, m): time_steps(steps[m], batches[length], args) for length in args.lengths for m in METHODS}
+    if args.device == "cpu":
+        fix_mmap_threshold()
+    memory = {(length, m): peak_memory(steps[m], batches[length], args) for length in args.lengths for m in METHODS}
+    header = (
+        "| tokens | plain s | SafeKey s | reference s | SafeKey/plain time | reference/SafeKey time "
+        "| plain MiB | SafeKey MiB | reference MiB | SafeKey/plain mem | reference/SafeKey mem |"
+    )
+    print(header)
+    print("|" + "---|" * 11)
+    for length in args.lengths:
+        plain_s, safekey_s, reference_s = (times[length, m] for m in METHODS)
+        plain_mb, safekey_mb, reference_mb = (memory[length, m] for m in METHODS)
+        print(
+            f"| {length} | {plain_s:.3f} | {safekey_s:.3f} | {reference_s:.3f} | {safekey_s / plain_s:.2f} "
+            f"| {reference_s / safekey_s:.2f} | {plain_mb:.0f} | {safekey_mb:.0f} | {reference_mb:.0f} "
+            f"| {safekey_mb / plain_mb:.2f} | {reference_mb / safekey_mb:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
