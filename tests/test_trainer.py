@@ -173,3 +173,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_trains_the_head(tmp_path
 def test_a_model_without_a_name_needs_a_tokenizer(tmp_path, make_model, examples):
     with pytest.raises(ValueError, match="pass `processing_class`"):
         SafeKeySFTTrainer(make_model(), make_config(tmp_path), train_dataset=examples)
+
+
+def test_query_masked_pass_runs_only_rows_with_k_up_to_the_last_k_token(tmp_path, make_model, tokenizer, examples):
+    from helpers import first_batch
+
+    model = make_model()
+    trainer = make_trainer(tmp_path, model, tokenizer, examples)
+    batch = first_batch(trainer)
+    batch["key_mask"][1] = 0  # row 1: K cut by truncation
+    shapes = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    trainer.compute_loss(model, dict(batch))
+    last_key_token = max(int(row.nonzero().max()) for row in batch["key_mask"] if row.any())
+    assert shapes == [tuple(batch["input_ids"].shape), (3, last_key_token + 1)]
+    assert last_key_token + 1 < batch["input_ids"].shape[1]
