@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from .data import SafeKeyDataError, featurize, load_examples, render, token_spans
@@ -28,22 +29,53 @@ def train(
     recipe: Annotated[
         str, typer.Option(help="Recipe name under recipes/ (e.g. tiny, qwen7b) or a YAML path.")
     ] = "tiny",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print trainable parameters and a GPU memory estimate, then stop.")
+    ] = False,
 ) -> None:
     """Train with a recipe. Any recipe field can be overridden after it: `--learning_rate 2e-5 --output_dir out`."""
+    from .modeling import resolve_attn_implementation
     from .sft import parse_recipe
     from .sft import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         script_args, training_args, model_args = parse_recipe(recipe, list(ctx.args))
+        if dry_run:
+            from .plan import plan_training
+
+            console.print(plan_training(training_args, model_args).render())
+            return
+        # Fail now, not in the first step, when the attention kernel asked for cannot run here
+        resolve_attn_implementation(model_args.attn_implementation)
     except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     try:
         run_training(script_args, training_args, model_args)
     except SafeKeyDataError as error:
-        console.print(f"[red]invalid data:[/red] {error}\n(use --skip_invalid true to skip such rows with a report)")
+        console.print(
+            f"[red]invalid data:[/red] {escape(str(error))}\n(use --skip_invalid true to skip such rows with a report)"
+        )
         raise typer.Exit(1) from None
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[str, typer.Argument(help="A run's output_dir or one of its checkpoint-* directories.")],
+    out: Annotated[str, typer.Option(help="Directory to write the exported model to.")],
+    merge: Annotated[bool, typer.Option(help="Merge a LoRA adapter into the base weights.")] = False,
+    dtype: Annotated[str, typer.Option(help="dtype of merged weights: bfloat16, float16 or float32.")] = "bfloat16",
+) -> None:
+    """Export a run: the model (or LoRA adapter, or adapter merged into the base) and its safety head beside it."""
+    from .export import export
+
+    try:
+        path = export(run_dir, out, merge=merge, dtype=dtype)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+    console.print(f"exported to {path} (model loads with AutoModelForCausalLM; head in safekey_head.safetensors)")
 
 
 def _tokenizer(name: str):
@@ -67,7 +99,7 @@ def validate(
         rows_read = len(examples) + report.count
         _, stats = featurize(examples, _tokenizer(tokenizer), max_length, skip_invalid=skip_invalid, report=report)
     except SafeKeyDataError as error:
-        console.print(f"[red]invalid:[/red] {error}")
+        console.print(f"[red]invalid:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
     invalid_rows = {error.row for error in report.errors}
     valid = [example for example in examples if example.row not in invalid_rows]
@@ -81,7 +113,7 @@ def validate(
     if report.count:
         console.print(f"[red]  invalid: {report.count}[/red]")
         for error in report.errors:
-            console.print(f"    {error}")
+            console.print(f"    {escape(str(error))}")
         raise typer.Exit(1)
     console.print("[green]  every row is valid[/green]")
 

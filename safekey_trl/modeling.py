@@ -1,15 +1,16 @@
-"""Model loading for a recipe: dtype, attention implementation, 4-bit quantization and PEFT, through TRL's
-`ModelConfig`, `get_quantization_config` and `get_peft_config`; and the embedded tiny model for `tiny:*` names."""
+"""Model loading for a recipe: dtype, attention implementation, 4-bit quantization and LoRA, through TRL's
+`ModelConfig`, `get_quantization_config` and `get_peft_config`; `tiny:*` names load the embedded tiny model."""
 
 from __future__ import annotations
 
 import importlib.util
 
 import torch
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from trl import ModelConfig, get_quantization_config
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from .tiny import is_tiny_model_name, load_tiny
+from .tiny import is_tiny_model_name, materialize_tiny
 
 FLASH_ATTENTION = "flash_attention_2"
 
@@ -39,12 +40,14 @@ def load_model_and_tokenizer(
     if not model_args.model_name_or_path:
         raise ValueError("The recipe names no model: set `model_name_or_path`.")
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
-    if is_tiny_model_name(model_args.model_name_or_path):
-        return load_tiny(model_args.model_name_or_path, attn_implementation=attn_implementation)
+    name = model_args.model_name_or_path
+    if is_tiny_model_name(name):
+        # Saved once and loaded like any other model, so that 4-bit loading and adapter export work on it too
+        name = str(materialize_tiny(name))
     quantization_config = get_quantization_config(model_args)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
+        name,
         revision=model_args.model_revision,
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
@@ -53,11 +56,27 @@ def load_model_and_tokenizer(
         device_map=_quantized_device_map() if quantization_config is not None else None,
     )
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
+        name,
         revision=model_args.model_revision,
         trust_remote_code=trust_remote_code,
     )
     return model, tokenizer
+
+
+def lora_targets(model_args: ModelConfig) -> str | list[str]:
+    """The recipe's LoRA target modules: `"all-linear"` (every linear layer but the LM head) unless it names some."""
+    targets = model_args.lora_target_modules
+    if isinstance(targets, str):  # a YAML scalar reaches the dataclass unparsed
+        targets = [targets]
+    return "all-linear" if not targets or list(targets) == ["all-linear"] else list(targets)
+
+
+def lora_config(model_args: ModelConfig) -> LoraConfig | None:
+    """TRL's LoRA config for a recipe (None without `use_peft`), with the targets of [`lora_targets`]."""
+    config = get_peft_config(model_args)
+    if config is not None:
+        config.target_modules = lora_targets(model_args)
+    return config
 
 
 def _quantized_device_map() -> dict[str, int] | None:

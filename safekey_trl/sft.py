@@ -9,11 +9,11 @@ import logging
 from pathlib import Path
 
 from transformers import set_seed
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser
 
 from .config import SafeKeyConfig, SafeKeyScriptArguments
 from .data import load_safekey_dataset
-from .modeling import load_model_and_tokenizer
+from .modeling import load_model_and_tokenizer, lora_config
 from .trainer import SafeKeySFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def train(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

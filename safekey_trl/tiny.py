@@ -9,6 +9,7 @@ exactly as on the real models.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -137,10 +138,35 @@ def build_tiny_model(
 
 def load_tiny(name: str, attn_implementation: str = "sdpa", seed: int = 0):
     """Build the tiny model named `tiny:<architecture>` and its tokenizer. Returns `(model, tokenizer)`."""
-    architecture = name[len(TINY_PREFIX) :] or "qwen2"
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, architecture, seed=seed, attn_implementation=attn_implementation)
+    model = build_tiny_model(tokenizer, _architecture(name), seed=seed, attn_implementation=attn_implementation)
     return model, tokenizer
+
+
+def _architecture(name: str) -> str:
+    return name[len(TINY_PREFIX) :] or "qwen2"
+
+
+def materialize_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Save the tiny model and tokenizer to a directory, so that it loads like any Hub model.
+
+    Loading through `from_pretrained` is what 4-bit quantization needs, and a LoRA adapter trained on it records that
+    directory as its base model, so `safekey-trl export --merge` can find it again. The directory name carries a hash
+    of the tokenizer and config: the same build is reused, a changed one gets a new directory.
+    """
+    import hashlib
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, _architecture(name), seed=seed)
+    digest = hashlib.sha256(
+        (tokenizer.backend_tokenizer.to_str() + model.config.to_json_string() + str(seed)).encode()
+    ).hexdigest()[:12]
+    root = Path(cache_dir or os.environ.get("SAFEKEY_TRL_CACHE") or Path.home() / ".cache" / "safekey-trl")
+    directory = root / f"tiny-{_architecture(name)}-{digest}"
+    if not (directory / "config.json").is_file():
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return directory
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

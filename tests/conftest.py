@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny model is saved once per test session here rather than under the user's home
+os.environ.setdefault("SAFEKEY_TRL_CACHE", tempfile.mkdtemp(prefix="safekey-tiny-"))
 
 from pathlib import Path  # noqa: E402
 

@@ -49,6 +49,19 @@ def test_paper_recipes_parse_with_the_paper_settings():
         assert args.lr_scheduler_type == "cosine"
 
 
+@pytest.mark.parametrize("name", ["qwen7b-qlora", "llama8b-qlora", "qwen14b-qlora", "tiny-qlora"])
+def test_qlora_recipes_load_4bit_with_lora_on_every_linear_layer(name):
+    from safekey_trl.modeling import lora_targets
+
+    script_args, args, model_args = parse_recipe(name, ["--use_cpu", "true"])
+    assert model_args.load_in_4bit and model_args.use_peft and model_args.bnb_4bit_quant_type == "nf4"
+    assert model_args.use_bnb_nested_quant and lora_targets(model_args) == "all-linear"
+    assert (args.num_train_epochs, args.auxiliary_epochs, args.qmm_weight, args.head_weight) == (5, 2, 0.2, 0.2)
+    if name != "tiny-qlora":
+        assert model_args.dtype == "bfloat16" and args.gradient_checkpointing
+        assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 128
+
+
 def test_command_line_overrides_win_over_the_recipe():
     script_args, args, model_args = parse_recipe("tiny", ["--learning_rate", "0.5", "--qmm_weight", "0.7"])
     assert args.learning_rate == 0.5 and args.qmm_weight == 0.7

@@ -1,0 +1,66 @@
+"""Export what a SafeKey run trained: a clean causal LM (or LoRA adapter) with the safety head beside it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .heads import HEAD_ATTRIBUTE, HEAD_WEIGHTS_NAME
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json")
+
+
+def export(run_dir: str | Path, out_dir: str | Path, merge: bool = False, dtype: str = "bfloat16") -> Path:
+    """Write a run's model to `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained`, with no head weights
+    in it, and the head beside it in `safekey_head.safetensors`.
+
+    Args:
+        run_dir: A run's `output_dir` or one of its `checkpoint-*` directories.
+        out_dir: Where to write; created if missing.
+        merge: For a LoRA run, merge the adapter into the base weights (loaded unquantized in `dtype`) instead of
+            exporting the adapter alone. A full fine-tune has nothing to merge.
+        dtype: The dtype of the merged weights.
+    """
+    run, out = Path(run_dir), Path(out_dir)
+    head_file = run / HEAD_WEIGHTS_NAME
+    if not head_file.is_file():
+        raise FileNotFoundError(f"{run}: no {HEAD_WEIGHTS_NAME}; not a SafeKey run or checkpoint directory.")
+    is_adapter = (run / "adapter_config.json").is_file()
+    if not is_adapter and not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run}: neither a model (config.json) nor a LoRA adapter (adapter_config.json).")
+    if merge and not is_adapter:
+        raise ValueError(f"{run}: a full fine-tune has no adapter to merge; export it without --merge.")
+    out.mkdir(parents=True, exist_ok=True)
+
+    if is_adapter and merge:
+        from peft import PeftConfig, PeftModel
+
+        base_name = PeftConfig.from_pretrained(str(run)).base_model_name_or_path
+        base = AutoModelForCausalLM.from_pretrained(base_name, dtype=getattr(torch, dtype))
+        merged = PeftModel.from_pretrained(base, str(run)).merge_and_unload()
+        merged.save_pretrained(str(out))
+    else:
+        patterns = ADAPTER_FILES if is_adapter else MODEL_FILE_PATTERNS
+        for pattern in patterns:
+            for source in run.glob(pattern):
+                shutil.copy2(source, out / source.name)
+    AutoTokenizer.from_pretrained(str(run)).save_pretrained(str(out))
+    shutil.copy2(head_file, out / HEAD_WEIGHTS_NAME)
+    _check_no_head_weights(out)
+    return out
+
+
+def _check_no_head_weights(directory: Path) -> None:
+    # The exported model must be the plain causal LM: a head key here would surface as an "unexpected key" on load
+    for weights in directory.glob("*.safetensors"):
+        if weights.name == HEAD_WEIGHTS_NAME:
+            continue
+        with safe_open(str(weights), "pt") as handle:
+            leaked = [key for key in handle.keys() if f"{HEAD_ATTRIBUTE}." in key]
+        if leaked:
+            raise RuntimeError(f"{weights} holds safety-head weights {leaked[:3]}; the export would not be clean.")
