@@ -54,6 +54,10 @@ class SafeKeyConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        # The head has no gradient in the plain-SFT epochs, or in a micro-batch whose K were all cut: DDP must look for
+        # unused parameters (transformers turns that off under gradient checkpointing, which would fail there)
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = True
         super().__post_init__()
         for name in ("qmm_weight", "head_weight"):
             if getattr(self, name) < 0:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,6 +59,66 @@ class DualPathSafetyHead(nn.Module):
         head = cls(state["understanding_head.weight"].shape[-1])
         head.load_state_dict(state)
         return head
+
+
+@contextlib.contextmanager
+def capture_last_hidden_state(backbone: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the backbone's `last_hidden_state` during the block.
+
+    TRL's fused LM head runs the backbone and returns log-probabilities only, so the hidden states the safety head
+    needs are taken from the backbone's output as it passes, at no extra cost.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        captured["last_hidden_state"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def attach_safety_head(causal_lm: nn.Module, head: DualPathSafetyHead, sink: dict[str, Any]) -> None:
+    """Make `head` a submodule of `causal_lm` and run it inside the model's forward.
+
+    Called with `safekey_head_inputs={"rows", "understanding_mask", "prefix_mask", "detach"}`, the forward also pools
+    the last hidden states of those rows through the head, puts the logits in `sink["logits"]` and in its output.
+    Running inside the forward is what data parallelism needs: DDP finds the head's parameters used from the output,
+    FSDP and ZeRO-3 have them gathered, as for any other layer. Without the keyword the forward is unchanged.
+    """
+    setattr(causal_lm, HEAD_ATTRIBUTE, head)
+    original_forward = causal_lm.forward
+
+    # Keep the original signature: `generate` validates its model kwargs against it
+    @functools.wraps(type(causal_lm).forward)
+    def forward(self, *args: Any, safekey_head_inputs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        if safekey_head_inputs is None:
+            return original_forward(*args, **kwargs)
+        with capture_last_hidden_state(self.base_model) as captured:
+            outputs = original_forward(*args, **kwargs)
+        hidden_states = captured["last_hidden_state"][safekey_head_inputs["rows"]]
+        if safekey_head_inputs["detach"]:
+            hidden_states = hidden_states.detach()
+        logits = getattr(self, HEAD_ATTRIBUTE)(
+            hidden_states, safekey_head_inputs["understanding_mask"], safekey_head_inputs["prefix_mask"]
+        )
+        sink["logits"] = logits
+        return _with_head_logits(type(outputs))(**outputs, safekey_head_logits=torch.stack(logits, dim=-1))
+
+    causal_lm.forward = types.MethodType(forward, causal_lm)
+
+
+@functools.cache
+def _with_head_logits(output_type: type) -> type:
+    """`output_type` (a `ModelOutput` dataclass) with one more field for the head's logits. A declared field, since
+    DDP rebuilds the output from its fields when it walks it for the parameters in use."""
+    return dataclasses.make_dataclass(
+        f"{output_type.__name__}WithSafetyHead",
+        [("safekey_head_logits", torch.Tensor | None, dataclasses.field(default=None))],
+        bases=(output_type,),
+    )
 
 
 def save_head_state(state: dict[str, torch.Tensor], directory: str | Path) -> Path:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,14 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .config import SafeKeyConfig
 from .data import SAFEKEY_FEATURES, SafeKeyExample, featurize
-from .heads import HEAD_ATTRIBUTE, HEAD_WEIGHTS_NAME, DualPathSafetyHead, save_head_state, split_head_state
+from .heads import (
+    HEAD_ATTRIBUTE,
+    HEAD_WEIGHTS_NAME,
+    DualPathSafetyHead,
+    attach_safety_head,
+    save_head_state,
+    split_head_state,
+)
 from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
 
 logger = logging.getLogger(__name__)
@@ -41,25 +46,6 @@ class SafeKeyDataCollator(DataCollatorForLanguageModeling):
         output["prefix_end"] = torch.tensor([example["prefix_end"] for example in examples])
         output["unsafe"] = torch.tensor([example["unsafe"] for example in examples], dtype=torch.float32)
         return output
-
-
-@contextlib.contextmanager
-def capture_last_hidden_state(backbone: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the backbone's `last_hidden_state` during the block.
-
-    TRL's fused LM head runs the backbone and returns log-probabilities only, so the hidden states the safety head
-    needs are taken from the backbone's output as it passes, at no extra cost.
-    """
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        captured["last_hidden_state"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    handle = backbone.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
 
 
 class SafeKeySFTTrainer(SFTTrainer):
@@ -122,9 +108,10 @@ class SafeKeySFTTrainer(SFTTrainer):
         causal_lm = self._causal_lm()
         if safety_head is None:
             safety_head = DualPathSafetyHead(causal_lm.config.get_text_config().hidden_size)
-        # The head is a submodule of the model so that DDP, DeepSpeed and FSDP shard, sync and optimise it like the
-        # rest; `_save` writes it to its own file and keeps it out of the exported model.
-        setattr(causal_lm, HEAD_ATTRIBUTE, safety_head.to(self.args.device))
+        # The head is a submodule of the model, run inside its forward, so that DDP, DeepSpeed and FSDP shard, sync
+        # and optimise it like the rest; `_save` writes it to its own file and keeps it out of the exported model.
+        self._head_outputs: dict[str, Any] = {}
+        attach_safety_head(causal_lm, safety_head.to(self.args.device), self._head_outputs)
         self._auxiliary_normalizers: torch.Tensor | None = None
 
     @staticmethod
@@ -192,9 +179,17 @@ class SafeKeySFTTrainer(SFTTrainer):
         if len(safekey) != len(SAFEKEY_FEATURES):
             raise ValueError(f"The batch lacks SafeKey features: expected {SAFEKEY_FEATURES}, got {sorted(safekey)}.")
         active = self._auxiliary_active()
-        causal_lm = self._causal_lm()
-        with capture_last_hidden_state(causal_lm.base_model) as captured:
+        key_mask = safekey["key_mask"]
+        has_key = key_mask.any(dim=1)
+        # The head runs inside the model's forward (see `attach_safety_head`), on the examples whose K fits
+        run_head = active and self.args.head_weight > 0 and bool(has_key.any())
+        if run_head:
+            inputs["safekey_head_inputs"] = self._head_inputs(safekey, has_key, inputs["input_ids"].shape[1])
+        self._head_outputs.clear()
+        try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            inputs.pop("safekey_head_inputs", None)
         lm_loss = result[0] if return_outputs else result
 
         # The LM term is normalised by the global token count, scaled up by the number of processes (TRL's
@@ -207,13 +202,11 @@ class SafeKeySFTTrainer(SFTTrainer):
 
         if not active:
             return result
-        key_mask = safekey["key_mask"]
-        has_key = key_mask.any(dim=1)
         key_tokens, key_examples = (
             self._auxiliary_normalizers if global_normalization else (key_mask.sum(), has_key.sum())
         )
         qmm_sum, num_key_tokens, num_key_correct = self._query_masked_pass(model, inputs, safekey, has_key)
-        head_sum, num_head_correct = self._safety_head_pass(captured["last_hidden_state"], safekey, has_key)
+        head_sum, num_head_correct = self._safety_head_loss(self._head_outputs.get("logits"), safekey, has_key)
         loss = lm_loss
         if qmm_sum is not None:
             loss = loss + self.args.qmm_weight * qmm_sum / key_tokens.clamp(min=1) * process_scale
@@ -286,6 +279,11 @@ class SafeKeySFTTrainer(SFTTrainer):
         # Position p predicts token p + 1: project only the positions just before a K token, row by row
         predicts_key = torch.zeros_like(key_mask, dtype=torch.bool)
         predicts_key[:, :-1] = key_mask[:, 1:].bool()
+        # Under DDP a second call through the wrapper, before one backward, marks parameters ready twice (with
+        # gradient checkpointing); the inner module shares the parameters, so their gradients are still reduced.
+        # FSDP and DeepSpeed gather parameters through the wrapper or module hooks, so they keep the wrapper.
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
         outputs = model(
             input_ids=input_ids,
             attention_mask=attention[has_key, :end],
@@ -305,23 +303,28 @@ class SafeKeySFTTrainer(SFTTrainer):
         correct = (logits.argmax(dim=-1) == targets).sum()
         return loss, torch.as_tensor(targets.numel(), device=targets.device), correct
 
-    def _safety_head_pass(
-        self, hidden_states: torch.Tensor, safekey: dict[str, torch.Tensor], has_key: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The Dual-Path Safety Head on the main pass's last hidden states. Returns the summed per-example loss (None
-        when no example has K in range) and how many examples the head got right."""
-        zero = torch.zeros((), dtype=torch.long, device=has_key.device)
-        if not bool(has_key.any()) or self.args.head_weight == 0:
-            return None, zero
-        hidden_states = hidden_states[has_key]
-        if self.args.head_detach_hidden:
-            hidden_states = hidden_states.detach()
-        length = hidden_states.shape[1]
+    def _head_inputs(self, safekey: dict[str, torch.Tensor], has_key: torch.Tensor, length: int) -> dict[str, Any]:
+        """What the model's forward needs to run the head: the rows with K, and the U and prefix masks to pool."""
         understanding = safekey["understanding_span"][has_key]
         prefix_end = safekey["prefix_end"][has_key]
-        understanding_mask = span_mask(understanding[:, 0], understanding[:, 1], length)
-        prefix_mask = span_mask(torch.zeros_like(prefix_end), prefix_end, length)
-        understanding_logits, prefix_logits = self.safety_head(hidden_states, understanding_mask, prefix_mask)
+        return {
+            "rows": has_key,
+            "understanding_mask": span_mask(understanding[:, 0], understanding[:, 1], length),
+            "prefix_mask": span_mask(torch.zeros_like(prefix_end), prefix_end, length),
+            "detach": self.args.head_detach_hidden,
+        }
+
+    def _safety_head_loss(
+        self,
+        logits: tuple[torch.Tensor, torch.Tensor] | None,
+        safekey: dict[str, torch.Tensor],
+        has_key: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The head's summed per-example loss over the rows with K (None when the head did not run) and how many
+        of them it got right."""
+        if logits is None:
+            return None, torch.zeros((), dtype=torch.long, device=has_key.device)
+        understanding_logits, prefix_logits = logits
         unsafe = safekey["unsafe"][has_key]
         theta = self.args.head_theta
         loss = safety_head_loss(understanding_logits, prefix_logits, unsafe, theta).sum()
