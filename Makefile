@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 RECIPE ?= tiny
 ARGS ?=
+# Multi-GPU: ACCELERATE=ddp|zero2|zero3|zero3_offload|fsdp (recipes/accelerate/), NUM_PROCESSES=<GPUs in all>
+ACCELERATE ?=
+NUM_PROCESSES ?=
 # The CPU build of PyTorch (it lies on these machines' disk). An unpinned `torch` would pull a multi-GB CUDA build;
 # on a GPU machine, install the CUDA build you need first, e.g. `make install TORCH_SPEC=torch==2.13.0`.
 TORCH_SPEC ?= torch==2.13.0
@@ -25,7 +28,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/safekey-trl train --recipe $(RECIPE) $(ARGS)
+	$(BIN)/safekey-trl train --recipe $(RECIPE) $(if $(ACCELERATE),--accelerate $(ACCELERATE)) \
+		$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q $(ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 from typing import Annotated
 
 import typer
@@ -32,13 +33,39 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print trainable parameters and a GPU memory estimate, then stop.")
     ] = False,
+    accelerate: Annotated[
+        str | None,
+        typer.Option(help="Launch with accelerate: a config in recipes/accelerate/ (ddp, zero3, fsdp...) or a path."),
+    ] = None,
+    num_processes: Annotated[int | None, typer.Option(help="Processes in all (with --accelerate).")] = None,
+    num_machines: Annotated[int | None, typer.Option(help="Nodes (with --accelerate).")] = None,
+    machine_rank: Annotated[int | None, typer.Option(help="This node's rank (with --accelerate).")] = None,
+    main_process_ip: Annotated[str | None, typer.Option(help="Rank 0 node's address (with --accelerate).")] = None,
+    main_process_port: Annotated[int | None, typer.Option(help="Rank 0 node's port (with --accelerate).")] = None,
 ) -> None:
     """Train with a recipe. Any recipe field can be overridden after it: `--learning_rate 2e-5 --output_dir out`."""
     from .modeling import resolve_attn_implementation
-    from .sft import parse_recipe
+    from .sft import accelerate_launch_command, parse_recipe
     from .sft import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if accelerate is not None and not dry_run:
+        try:
+            command = accelerate_launch_command(
+                accelerate,
+                recipe,
+                list(ctx.args),
+                num_processes=num_processes,
+                num_machines=num_machines,
+                machine_rank=machine_rank,
+                main_process_ip=main_process_ip,
+                main_process_port=main_process_port,
+            )
+        except FileNotFoundError as error:
+            console.print(f"[red]error:[/red] {escape(str(error))}")
+            raise typer.Exit(2) from None
+        console.print(" ".join(command), markup=False)
+        raise typer.Exit(subprocess.run(command).returncode)
     try:
         script_args, training_args, model_args = parse_recipe(recipe, list(ctx.args))
         if dry_run:

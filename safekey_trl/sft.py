@@ -6,6 +6,7 @@ The thin script behind `safekey-trl train` and `make train`, in the manner of op
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from transformers import set_seed
@@ -19,6 +20,7 @@ from .trainer import SafeKeySFTTrainer
 logger = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+ACCELERATE_CONFIGS_DIR = RECIPES_DIR / "accelerate"
 
 
 def resolve_recipe(recipe: str) -> Path:
@@ -29,6 +31,61 @@ def resolve_recipe(recipe: str) -> Path:
             return candidate
     available = sorted(path.stem for path in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
     raise FileNotFoundError(f"No recipe {recipe!r}: not a file, and not one of {available}.")
+
+
+def accelerate_launch_command(
+    accelerate_config: str,
+    recipe: str,
+    overrides: list[str],
+    num_processes: int | None = None,
+    num_machines: int | None = None,
+    machine_rank: int | None = None,
+    main_process_ip: str | None = None,
+    main_process_port: int | None = None,
+) -> list[str]:
+    """The `accelerate launch` command that runs `safekey-trl train` under an accelerate config.
+
+    `accelerate_config` is a file, or a name under `recipes/accelerate/` (ddp, zero2, zero3, zero3_offload, fsdp).
+    The launch flags given here override the config's; multi-node runs pass the same command on every node with its
+    own `machine_rank`.
+    """
+    candidates = [Path(accelerate_config), ACCELERATE_CONFIGS_DIR / f"{accelerate_config}.yaml"]
+    config = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if config is None:
+        available = sorted(path.stem for path in ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"No accelerate config {accelerate_config!r}: not a file, and not one of {available}.")
+    executable = Path(sys.executable).parent / "accelerate"
+    command = [str(executable) if executable.is_file() else "accelerate", "launch", "--config_file", str(config)]
+    flags = {
+        # The recipe decides the precision; the config's `mixed_precision` would otherwise override it
+        "--mixed_precision": recipe_mixed_precision(recipe, overrides),
+        "--num_processes": num_processes,
+        "--num_machines": num_machines,
+        "--machine_rank": machine_rank,
+        "--main_process_ip": main_process_ip,
+        "--main_process_port": main_process_port,
+    }
+    for flag, value in flags.items():
+        if value is not None:
+            command += [flag, str(value)]
+    return [*command, "-m", "safekey_trl", "train", "--recipe", recipe, *overrides]
+
+
+def recipe_mixed_precision(recipe: str, overrides: list[str]) -> str:
+    """`bf16`, `fp16` or `no`, as the recipe and its command-line overrides set `bf16`/`fp16` (TRL's default: bf16)."""
+    import yaml
+
+    values = yaml.safe_load(resolve_recipe(recipe).read_text()) or {}
+    for index, argument in enumerate(overrides):
+        name, _, inline = argument.lstrip("-").partition("=")
+        if name in ("bf16", "fp16"):
+            following = overrides[index + 1] if index + 1 < len(overrides) else ""
+            value = inline or (following if not following.startswith("--") else "true")
+            values[name] = value.lower() in ("true", "1", "yes")
+    fp16 = bool(values.get("fp16", False))
+    bf16 = values.get("bf16")
+    bf16 = (not fp16) if bf16 is None else bool(bf16)
+    return "fp16" if fp16 else "bf16" if bf16 else "no"
 
 
 def parse_recipe(
@@ -71,6 +128,10 @@ def train(
         peft_config=lora_config(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.is_fsdp_enabled:
+        # Gather the shards for the final save, so the exported model is plain safetensors
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
-    logger.info("Saved the model to %s and its safety head beside it.", training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        logger.info("Saved the model to %s and its safety head beside it.", training_args.output_dir)
     return trainer

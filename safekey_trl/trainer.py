@@ -113,6 +113,7 @@ class SafeKeySFTTrainer(SFTTrainer):
         self._head_outputs: dict[str, Any] = {}
         attach_safety_head(causal_lm, safety_head.to(self.args.device), self._head_outputs)
         self._auxiliary_normalizers: torch.Tensor | None = None
+        self._term_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
     @staticmethod
     def _featurize_if_needed(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: SafeKeyConfig) -> Any:
@@ -226,13 +227,27 @@ class SafeKeySFTTrainer(SFTTrainer):
         qmm_total, key_total, key_correct, head_total, head_correct, examples = (
             self.accelerator.gather_for_metrics(metrics.unsqueeze(0)).view(-1, 6).sum(dim=0).tolist()
         )
-        if key_total > 0:
-            self._metrics[mode]["qmm_loss"].append(qmm_total / key_total)
-            self._metrics[mode]["qmm_key_accuracy"].append(key_correct / key_total)
-        if examples > 0:
-            self._metrics[mode]["head_loss"].append(head_total / examples)
-            self._metrics[mode]["head_accuracy"].append(head_correct / examples)
+        self._accumulate_term(mode, "qmm_loss", qmm_total, key_total)
+        self._accumulate_term(mode, "qmm_key_accuracy", key_correct, key_total)
+        self._accumulate_term(mode, "head_loss", head_total, examples)
+        self._accumulate_term(mode, "head_accuracy", head_correct, examples)
         return (loss, result[1]) if return_outputs else loss
+
+    def _accumulate_term(self, mode: str, name: str, total: float, count: float) -> None:
+        # Sums and counts over the logging window, so that a logged term is its mean over every token or example
+        # of the window, whatever the micro-batching (TRL's own metrics average the micro-batch means)
+        if count > 0:
+            sums = self._term_sums[mode].setdefault(name, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += count
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, (total, count) in self._term_sums[mode].items():
+            logs[f"{prefix}{name}"] = total / count
+        self._term_sums[mode].clear()
+        super().log(logs, start_time)
 
     def _log_lm_loss(
         self,
@@ -250,8 +265,7 @@ class SafeKeySFTTrainer(SFTTrainer):
             lm_sum = lm_loss.detach() / process_scale * torch.as_tensor(num_items_in_batch, device=lm_loss.device)
         totals = torch.stack([lm_sum.float(), local_tokens.float()]).unsqueeze(0)
         lm_total, token_total = self.accelerator.gather_for_metrics(totals).view(-1, 2).sum(dim=0).tolist()
-        if token_total > 0:
-            self._metrics[mode]["lm_loss"].append(lm_total / token_total)
+        self._accumulate_term(mode, "lm_loss", lm_total, token_total)
 
     def _query_masked_pass(
         self,
