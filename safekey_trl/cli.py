@@ -14,7 +14,7 @@ from rich.text import Text
 from .data import SafeKeyDataError, featurize, load_examples, render, token_spans
 
 app = typer.Typer(help="SafeKey safety alignment for reasoning models, on TRL.", no_args_is_help=True)
-data_app = typer.Typer(help="Check and look at SafeKey-format data.", no_args_is_help=True)
+data_app = typer.Typer(help="Check, convert, annotate and look at SafeKey-format data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 # No hard wrapping: an error line keeps its file, row and field in one piece
 console = Console(soft_wrap=True)
@@ -175,3 +175,275 @@ def inspect(
         console.print(f"  [{style}]{name}[/{style}]: tokens [{start}, {end})")
         text.append(tok.decode(encoding["input_ids"][start:end]), style=style)
     console.print(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: `eval`, `eval-report`, `eval-probes` (the logic lives in evaluate.py and probes.py)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(help="A trained model directory, a Hub name, or tiny:qwen2.")],
+    suite: Annotated[
+        str,
+        typer.Option(help="Comma-separated: strongreject, jailbreakbench, wildjailbreak, xstest, or .jsonl files."),
+    ],
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts of each suite.")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Results JSONL, appended to and resumed. Default: safekey_eval/<label>.jsonl.")
+    ] = None,
+    label: Annotated[str | None, typer.Option(help="The model's name in results and reports.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 8000,
+    repetition_penalty: Annotated[float, typer.Option(help="Repetition penalty of greedy decoding.")] = 1.2,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch (8; vllm 256).")] = None,
+    prefill: Annotated[
+        str | None, typer.Option(help="Prefilling attack: text forced at the start of every trace without its own.")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="auto (vllm where it can run), transformers or vllm.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible API root; SAFEKEY_JUDGE_BASE_URL.")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Judge model name; env SAFEKEY_JUDGE_MODEL.")] = None,
+    judge_api_key: Annotated[str | None, typer.Option(help="Judge API key; env SAFEKEY_JUDGE_API_KEY.")] = None,
+    judge_timeout: Annotated[float, typer.Option(help="Seconds per judge request.")] = 120.0,
+    judge_retries: Annotated[int, typer.Option(help="Retries of a failed judge request.")] = 3,
+    judge_backoff: Annotated[float, typer.Option(help="Seconds before the first retry, doubled at each.")] = 2.0,
+    judge_workers: Annotated[int, typer.Option(help="Judge requests in flight at once.")] = 8,
+    classifier: Annotated[
+        str | None, typer.Option(help="A local Llama-Guard-style classifier to judge with, instead of an endpoint.")
+    ] = None,
+    no_judge: Annotated[bool, typer.Option("--no-judge", help="Only generate; judge later by running again.")] = False,
+    threshold: Annotated[int, typer.Option(help="A score at least this counts as harmful.")] = 4,
+) -> None:
+    """Generate answers to safety prompt suites, judge them, and print harmfulness and refusal rates."""
+    import dataclasses
+
+    from .evaluate import (
+        ClassifierJudge,
+        OpenAIJudge,
+        PromptFileError,
+        default_results_path,
+        load_eval_model,
+        load_suite,
+        make_generator,
+        run_eval,
+        summarize,
+        summary_table,
+    )
+
+    label = label or model
+    try:
+        prompts = [prompt for spec in suite.split(",") if spec.strip() for prompt in load_suite(spec.strip(), limit)]
+        if prefill is not None:
+            prompts = [p if p.prefill is not None else dataclasses.replace(p, prefill=prefill) for p in prompts]
+        if classifier is not None:
+            judge = ClassifierJudge(*load_eval_model(classifier, dtype=dtype))
+        elif no_judge:
+            judge = None
+        else:
+            judge = OpenAIJudge.from_options(
+                judge_url,
+                judge_model,
+                judge_api_key,
+                timeout=judge_timeout,
+                max_retries=judge_retries,
+                backoff=judge_backoff,
+                max_workers=judge_workers,
+            )
+        generator, tokenizer = make_generator(model, backend, max_new_tokens, repetition_penalty, batch_size, dtype)
+        path = out or default_results_path(label)
+        settings = {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
+        rows = run_eval(prompts, generator, tokenizer, path, label, judge, settings)
+    except (FileNotFoundError, ValueError, PromptFileError, ImportError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+    summaries = summarize(rows, threshold)
+    console.print(summary_table(summaries))
+    errors = [error for summary in summaries for error in summary.errors]
+    for error in errors[:5]:
+        console.print(f"[yellow]unjudged[/yellow] {escape(error)}")
+    if errors:
+        console.print(f"{len(errors)} prompt(s) unjudged: run the same command again to judge them again.")
+    console.print(f"results: {path}")
+
+
+@app.command("eval-report")
+def eval_report(
+    results: Annotated[list[str], typer.Argument(help="Results JSONL files of `safekey-trl eval`, one per model.")],
+    out: Annotated[str, typer.Option(help="The Markdown report to write.")] = "safekey_eval_report.md",
+    threshold: Annotated[int, typer.Option(help="A score at least this counts as harmful.")] = 4,
+) -> None:
+    """Compare models: a Markdown report with a table and bar charts of harmfulness and refusal rates."""
+    from pathlib import Path
+
+    from .evaluate import build_report, read_results, summarize, summary_table
+
+    try:
+        report = build_report(results, threshold)
+        rows = [row for path in results for row in read_results(path)]
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+    Path(out).write_text(report, encoding="utf-8")
+    console.print(summary_table(summarize(rows, threshold)))
+    console.print(f"report: {out}")
+
+
+@app.command("eval-probes")
+def eval_probes(
+    model: Annotated[str, typer.Argument(help="A trained model directory (safety head beside it), or tiny:qwen2.")],
+    data: Annotated[str, typer.Option(help="Held-out SafeKey-format data: .jsonl, .json, .parquet or a Hub name.")],
+    split: Annotated[str, typer.Option(help="Split of a Hub dataset.")] = "train",
+    max_length: Annotated[int | None, typer.Option(help="Truncate examples to this many tokens.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 4,
+    theta: Annotated[float, typer.Option(help="θ mixing the head's two paths, as in training.")] = 0.5,
+    head: Annotated[
+        str | None, typer.Option(help="Directory holding safekey_head.safetensors (default: the model directory).")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Write the metrics, per example too, to this JSON file.")] = None,
+) -> None:
+    """Judge-free probe metrics: safety-head accuracy/AUROC, K-token accuracy, K's attention on U vs the query."""
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from .data import load_safekey_dataset
+    from .evaluate import load_eval_model
+    from .heads import HEAD_WEIGHTS_NAME, DualPathSafetyHead
+    from .probes import probe_metrics
+
+    head_dir = Path(head or model)
+    try:
+        language_model, tokenizer = load_eval_model(model, attn_implementation="eager", dtype="float32")
+        dataset, _, _ = load_safekey_dataset(data, tokenizer, max_length, split=split)
+        safety_head = None
+        if (head_dir / HEAD_WEIGHTS_NAME).is_file():
+            safety_head = DualPathSafetyHead.from_pretrained(head_dir)
+        elif head is not None:
+            raise FileNotFoundError(f"{head_dir}: no {HEAD_WEIGHTS_NAME}")
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        metrics = probe_metrics(language_model, dataset, pad_token_id, safety_head, theta, batch_size, progress=True)
+    except (FileNotFoundError, ValueError, SafeKeyDataError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"SafeKey probes on {data} ({metrics.examples} examples, {metrics.key_tokens} K tokens)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.as_dict().items():
+        if name not in ("examples", "key_tokens"):
+            table.add_row(name, "n/a (no head)" if value is None else f"{value:.4f}")
+    console.print(table)
+    if out is not None:
+        Path(out).write_text(json.dumps(metrics.as_dict(per_example=True), indent=2), encoding="utf-8")
+        console.print(f"metrics: {out}")
+
+
+@data_app.command()
+def annotate(
+    in_file: Annotated[str, typer.Argument(help="Rows with question/response or messages: .jsonl, .json, .parquet.")],
+    out_file: Annotated[str, typer.Argument(help="Where to write the annotated rows: .jsonl, .json or .parquet.")],
+    method: Annotated[str, typer.Option(help="heuristic (offline) or llm (an OpenAI-compatible endpoint).")] = (
+        "heuristic"
+    ),
+    base_url: Annotated[str | None, typer.Option(help="llm: endpoint base URL [env SAFEKEY_LLM_BASE_URL].")] = None,
+    model: Annotated[str | None, typer.Option(help="llm: model name [env SAFEKEY_LLM_MODEL].")] = None,
+    api_key: Annotated[str | None, typer.Option(help="llm: API key [env SAFEKEY_LLM_API_KEY].")] = None,
+    concurrency: Annotated[int, typer.Option(help="llm: requests in flight at once.")] = 8,
+    timeout: Annotated[float, typer.Option(help="llm: seconds per request.")] = 60.0,
+    retries: Annotated[int, typer.Option(help="llm: retries per row, with exponential back-off.")] = 4,
+    cache: Annotated[str | None, typer.Option(help="llm: answer cache (default OUT.cache.jsonl beside OUT).")] = None,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Send malformed rows to OUT.failed.jsonl instead of stopping at the first.")
+    ] = False,
+) -> None:
+    """Find U and K in every row's reasoning trace and write `summary_end_idx`/`next_sentence_end_idx`."""
+    from .annotate import METHODS, annotate_file, resolve_llm_settings, sidecar_path
+
+    if method not in METHODS:
+        console.print(f"[red]error:[/red] --method must be one of {', '.join(METHODS)}")
+        raise typer.Exit(2)
+    settings = None
+    try:
+        if method == "llm":
+            settings = resolve_llm_settings(
+                base_url, model, api_key, concurrency=concurrency, timeout=timeout, max_retries=retries
+            )
+        report = annotate_file(in_file, out_file, method, settings, cache, skip_invalid)
+    except SafeKeyDataError as error:
+        console.print(f"[red]invalid:[/red] {escape(str(error))}\n(use --skip-invalid to set such rows aside)")
+        raise typer.Exit(1) from None
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+    console.print(escape(report.summary()))
+    console.print(f"  written: {out_file}")
+    if report.failed:
+        console.print(f"[red]  rows not annotated: {sidecar_path(out_file, 'failed')}[/red]")
+        raise typer.Exit(1)
+
+
+@data_app.command()
+def convert(
+    in_file: Annotated[str, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")],
+    out_file: Annotated[str, typer.Argument(help="Where to write SafeKey-format rows: .jsonl, .json or .parquet.")],
+    from_: Annotated[str, typer.Option("--from", help="Input layout: star1 or messages.")] = "star1",
+    benign: Annotated[bool, typer.Option("--benign", help="Label every row benign (unsafe: false).")] = False,
+    harmful: Annotated[bool, typer.Option("--harmful", help="Label every row harmful (unsafe: true).")] = False,
+    column_map: Annotated[
+        list[str] | None, typer.Option(help="Rename an input column first, as old=new (repeatable).")
+    ] = None,
+    annotate_with: Annotated[
+        str | None, typer.Option("--annotate", help="Also find U and K: `heuristic` (for llm, run annotate after).")
+    ] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip bad rows with a report instead of stopping.")] = False,
+) -> None:
+    """Convert STAR-1 or `messages` rows to the SafeKey format (then annotate them, or chain with --annotate)."""
+    from .annotate import annotate_rows, sidecar_path, write_rows
+    from .convert import FORMATS, convert_file, parse_column_map
+
+    if from_ not in FORMATS or (benign and harmful) or annotate_with not in (None, "heuristic"):
+        console.print(
+            f"[red]error:[/red] --from must be one of {', '.join(FORMATS)}; --benign and --harmful exclude each "
+            "other; --annotate takes `heuristic`"
+        )
+        raise typer.Exit(2)
+    label = "benign" if benign else "harmful" if harmful else None
+    try:
+        rows, report = convert_file(in_file, from_, label, parse_column_map(column_map or []), skip_invalid)
+        console.print(escape(report.summary()))
+        if annotate_with is None:
+            write_rows(out_file, rows)
+            console.print(f"  written: {out_file} (no offsets yet: `safekey-trl data annotate {out_file} OUT`)")
+            return
+        annotated, failed, annotate_report = annotate_rows(enumerate(rows, start=1), annotate_with, str(in_file))
+        write_rows(out_file, annotated)
+        if failed:
+            write_rows(sidecar_path(out_file, "failed"), failed)
+    except SafeKeyDataError as error:
+        console.print(f"[red]invalid:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from None
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+    console.print(escape(annotate_report.summary()))
+    console.print(f"  written: {out_file}")
+    if failed:
+        console.print(f"[red]  rows not annotated: {sidecar_path(out_file, 'failed')}[/red]")
+        raise typer.Exit(1)
+
+
+@data_app.command()
+def stats(
+    file: Annotated[str, typer.Argument(help="A SafeKey-format .jsonl, .json or .parquet file, or a Hub name.")],
+    tokenizer: TokenizerOption = "tiny:qwen2",
+    max_length: Annotated[int | None, typer.Option(help="Count the K spans this length would cut.")] = None,
+) -> None:
+    """Rows, harmful/benign balance, U and K lengths in tokens, and the K spans `max_length` would cut."""
+    from .stats import compute_stats, render_stats
+
+    try:
+        measured = compute_stats(file, _tokenizer(tokenizer), max_length)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+    console.print(escape(render_stats(measured, file)))
