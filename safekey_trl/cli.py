@@ -1,9 +1,12 @@
-"""The `safekey-trl` command line: `train`, `data validate` and `data inspect`."""
+"""The `safekey-trl` command line: `train`, `export`, `data validate|inspect|convert|annotate|stats`, `eval`,
+`eval-report` and `eval-probes`. The commands are thin: the logic lives in the modules they import."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -11,13 +14,28 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from .data import SafeKeyDataError, featurize, load_examples, render, token_spans
+from .data import SafeKeyDataError, featurize, load_examples, tokenize_example
 
 app = typer.Typer(help="SafeKey safety alignment for reasoning models, on TRL.", no_args_is_help=True)
 data_app = typer.Typer(help="Check, convert, annotate and look at SafeKey-format data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 # No hard wrapping: an error line keeps its file, row and field in one piece
 console = Console(soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _bad_input(invalid_hint: str = "") -> Iterator[None]:
+    """Turn bad input into one clear line and an exit code, never a traceback: 1 for rows that break the format
+    (the message names the file, the row and the field), 2 for anything else wrong with the input or options."""
+    try:
+        yield
+    except SafeKeyDataError as error:
+        console.print(f"[red]invalid:[/red] {escape(str(error))}{invalid_hint}")
+        raise typer.Exit(1) from None
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+
 
 TokenizerOption = Annotated[
     str, typer.Option(help="Tokenizer name or path; `tiny:qwen2` is the embedded offline one.")
@@ -66,7 +84,7 @@ def train(
             raise typer.Exit(2) from None
         console.print(" ".join(command), markup=False)
         raise typer.Exit(subprocess.run(command).returncode)
-    try:
+    with _bad_input():
         script_args, training_args, model_args = parse_recipe(recipe, list(ctx.args))
         if dry_run:
             from .plan import plan_training
@@ -75,16 +93,8 @@ def train(
             return
         # Fail now, not in the first step, when the attention kernel asked for cannot run here
         resolve_attn_implementation(model_args.attn_implementation)
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
-    try:
+    with _bad_input("\n(use --skip_invalid true to skip such rows with a report)"):
         run_training(script_args, training_args, model_args)
-    except SafeKeyDataError as error:
-        console.print(
-            f"[red]invalid data:[/red] {escape(str(error))}\n(use --skip_invalid true to skip such rows with a report)"
-        )
-        raise typer.Exit(1) from None
 
 
 @app.command("export")
@@ -97,11 +107,8 @@ def export_command(
     """Export a run: the model (or LoRA adapter, or adapter merged into the base) and its safety head beside it."""
     from .export import export
 
-    try:
+    with _bad_input():
         path = export(run_dir, out, merge=merge, dtype=dtype)
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
     console.print(f"exported to {path} (model loads with AutoModelForCausalLM; head in safekey_head.safetensors)")
 
 
@@ -121,13 +128,10 @@ def validate(
     ] = True,
 ) -> None:
     """Check every row against the format and a tokenizer; report counts."""
-    try:
+    with _bad_input():
         examples, report = load_examples(file, skip_invalid=skip_invalid)
         rows_read = len(examples) + report.count
         _, stats = featurize(examples, _tokenizer(tokenizer), max_length, skip_invalid=skip_invalid, report=report)
-    except SafeKeyDataError as error:
-        console.print(f"[red]invalid:[/red] {escape(str(error))}")
-        raise typer.Exit(1) from None
     invalid_rows = {error.row for error in report.errors}
     valid = [example for example in examples if example.row not in invalid_rows]
     harmful = sum(example.unsafe for example in valid)
@@ -152,28 +156,29 @@ def inspect(
     tokenizer: TokenizerOption = "tiny:qwen2",
 ) -> None:
     """Show one row's query, U, K and the rest as the tokenizer sees them, coloured by segment."""
-    examples, _ = load_examples(file, skip_invalid=True)
+    with _bad_input():
+        examples, _ = load_examples(file, skip_invalid=True)
     matches = [example for example in examples if example.row == row]
     if not matches:
         console.print(f"[red]error:[/red] {file}: no valid row {row}")
         raise typer.Exit(1)
     example = matches[0]
     tok = _tokenizer(tokenizer)
-    rendered = render(example, tok)
-    encoding = tok(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    starts = [start for start, _ in encoding["offset_mapping"]]
-    prompt_len, key_start, key_end = token_spans(starts, rendered)
+    with _bad_input():
+        tokenized = tokenize_example(example, tok)
+    input_ids, prompt_len = tokenized.input_ids, tokenized.prompt_len
+    key_start, key_end = tokenized.key_start, tokenized.key_end
     segments = [
         ("query (prompt)", 0, prompt_len, "cyan"),
         ("U: understanding", prompt_len, key_start, "yellow"),
         ("K: key sentence", key_start, key_end, "bold magenta"),
-        ("rest of trace and answer", key_end, len(starts), "white"),
+        ("rest of trace and answer", key_end, len(input_ids), "white"),
     ]
-    console.print(f"{file} row {row}: {'harmful' if example.unsafe else 'benign'}, {len(starts)} tokens")
+    console.print(f"{file} row {row}: {'harmful' if example.unsafe else 'benign'}, {len(input_ids)} tokens")
     text = Text()
     for name, start, end, style in segments:
         console.print(f"  [{style}]{name}[/{style}]: tokens [{start}, {end})")
-        text.append(tok.decode(encoding["input_ids"][start:end]), style=style)
+        text.append(tok.decode(input_ids[start:end]), style=style)
     console.print(text)
 
 
@@ -363,18 +368,12 @@ def annotate(
         console.print(f"[red]error:[/red] --method must be one of {', '.join(METHODS)}")
         raise typer.Exit(2)
     settings = None
-    try:
+    with _bad_input("\n(use --skip-invalid to set such rows aside)"):
         if method == "llm":
             settings = resolve_llm_settings(
                 base_url, model, api_key, concurrency=concurrency, timeout=timeout, max_retries=retries
             )
         report = annotate_file(in_file, out_file, method, settings, cache, skip_invalid)
-    except SafeKeyDataError as error:
-        console.print(f"[red]invalid:[/red] {escape(str(error))}\n(use --skip-invalid to set such rows aside)")
-        raise typer.Exit(1) from None
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
     console.print(escape(report.summary()))
     console.print(f"  written: {out_file}")
     if report.failed:
@@ -408,7 +407,7 @@ def convert(
         )
         raise typer.Exit(2)
     label = "benign" if benign else "harmful" if harmful else None
-    try:
+    with _bad_input():
         rows, report = convert_file(in_file, from_, label, parse_column_map(column_map or []), skip_invalid)
         console.print(escape(report.summary()))
         if annotate_with is None:
@@ -419,12 +418,6 @@ def convert(
         write_rows(out_file, annotated)
         if failed:
             write_rows(sidecar_path(out_file, "failed"), failed)
-    except SafeKeyDataError as error:
-        console.print(f"[red]invalid:[/red] {escape(str(error))}")
-        raise typer.Exit(1) from None
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
     console.print(escape(annotate_report.summary()))
     console.print(f"  written: {out_file}")
     if failed:
@@ -441,9 +434,6 @@ def stats(
     """Rows, harmful/benign balance, U and K lengths in tokens, and the K spans `max_length` would cut."""
     from .stats import compute_stats, render_stats
 
-    try:
+    with _bad_input():
         measured = compute_stats(file, _tokenizer(tokenizer), max_length)
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
     console.print(escape(render_stats(measured, file)))

@@ -289,19 +289,24 @@ def token_spans(token_starts: list[int], rendered: RenderedExample) -> tuple[int
     return prompt_len, key_start, key_end
 
 
-def featurize_example(
-    example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
-) -> dict[str, Any]:
-    """Turn one validated example into the trainer's features.
+@dataclass
+class TokenizedExample:
+    """An example's tokens and its segments' token boundaries, before any truncation: the prompt is
+    `[0, prompt_len)`, U `[prompt_len, key_start)`, K `[key_start, key_end)`, the rest `[key_end, len(input_ids))`."""
 
-    Returns a dict with `input_ids`, `labels` (-100 on the prompt), `key_mask` (1 on K's tokens), `query_mask` (0 on
-    every prompt token, generation prompt included, 1 after), `understanding_span` (`[start, end)` of U's tokens),
-    `prefix_end` (the first K token: the head's prefix path pools `[0, prefix_end)`), and `unsafe`. When K does not
-    fit in `max_length`, `key_mask` is all zeros and the spans are `[0, 0]`/`0`: the example trains the LM term only.
+    input_ids: list[int]
+    prompt_len: int
+    key_start: int
+    key_end: int
+
+
+def tokenize_example(example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
+    """Render and tokenize an example, and place its segments by the boundary rule.
+
+    Raises [`SafeKeyDataError`] when U or K gets no token of its own under this tokenizer.
     """
     rendered = render(example, tokenizer)
     encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids: list[int] = encoding["input_ids"]
     starts = [start for start, _ in encoding["offset_mapping"]]
     prompt_len, key_start, key_end = token_spans(starts, rendered)
     if key_start == prompt_len:
@@ -312,6 +317,22 @@ def featurize_example(
         raise SafeKeyDataError(
             example.source, example.row, "next_sentence_end_idx", "the key sentence K has no token of its own"
         )
+    return TokenizedExample(encoding["input_ids"], prompt_len, key_start, key_end)
+
+
+def featurize_example(
+    example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+) -> dict[str, Any]:
+    """Turn one validated example into the trainer's features.
+
+    Returns a dict with `input_ids`, `labels` (-100 on the prompt), `key_mask` (1 on K's tokens), `query_mask` (0 on
+    every prompt token, generation prompt included, 1 after), `understanding_span` (`[start, end)` of U's tokens),
+    `prefix_end` (the first K token: the head's prefix path pools `[0, prefix_end)`), and `unsafe`. When K does not
+    fit in `max_length`, `key_mask` is all zeros and the spans are `[0, 0]`/`0`: the example trains the LM term only.
+    """
+    tokenized = tokenize_example(example, tokenizer)
+    input_ids, prompt_len = tokenized.input_ids, tokenized.prompt_len
+    key_start, key_end = tokenized.key_start, tokenized.key_end
     if max_length is not None:
         input_ids = input_ids[:max_length]  # right truncation: keep the start
     length = len(input_ids)

@@ -1,7 +1,7 @@
 """Dataset statistics for SafeKey data: label balance, U and K lengths in tokens, and what `max_length` would cut.
 
-Lengths follow the training pipeline exactly: each example is rendered with `data.render` and its spans are cut by
-`data.token_spans` under the boundary rule, so U's length is `key_start - prompt_len` and K's is
+Lengths follow the training pipeline exactly: each example goes through `data.tokenize_example`, which renders it
+and cuts its spans under the boundary rule, so U's length is `key_start - prompt_len` and K's is
 `key_end - key_start` tokens. K is *cut* when its last token lies beyond `max_length` (`featurize` then trains the
 LM term only), and an example is *dropped* when its prompt alone fills `max_length`; both counts match `featurize`.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from .data import InvalidRowReport, SafeKeyDataError, SafeKeyExample, load_examples, render, token_spans
+from .data import InvalidRowReport, SafeKeyDataError, SafeKeyExample, load_examples, tokenize_example
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -60,19 +60,8 @@ class DataStats:
 
 def example_lengths(example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int, int]:
     """`(prompt_len, key_start, key_end, total)` token positions of one example, as `featurize` computes them."""
-    rendered = render(example, tokenizer)
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    starts = [start for start, _ in encoding["offset_mapping"]]
-    prompt_len, key_start, key_end = token_spans(starts, rendered)
-    if key_start == prompt_len:
-        raise SafeKeyDataError(
-            example.source, example.row, "summary_end_idx", "the understanding U has no token of its own"
-        )
-    if key_end == key_start:
-        raise SafeKeyDataError(
-            example.source, example.row, "next_sentence_end_idx", "the key sentence K has no token of its own"
-        )
-    return prompt_len, key_start, key_end, len(starts)
+    tokenized = tokenize_example(example, tokenizer)
+    return tokenized.prompt_len, tokenized.key_start, tokenized.key_end, len(tokenized.input_ids)
 
 
 def compute_stats(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> DataStats:

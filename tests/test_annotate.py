@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import SAMPLE_DATA
+from loopback import ChatCompletionsServer, completion
 from typer.testing import CliRunner
 
 from safekey_trl.annotate import (
@@ -297,54 +296,22 @@ def test_annotate_reports_unlabelled_rows(tmp_path):
 # The LLM method against a loopback OpenAI-compatible server
 
 
-class FakeLLM:
-    """An OpenAI-compatible chat-completions server on 127.0.0.1: its behaviour for a row is picked by a tag in the
-    question ("[tag:NAME]"); it counts requests per tag and records every request."""
+class FakeLLM(ChatCompletionsServer):
+    """A chat-completions server whose behaviour for a row is picked by a tag in the question ("[tag:NAME]"); it
+    counts requests per tag."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        super().__init__()
         self.counts: Counter[str] = Counter()
-        self.requests: list[dict] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep the test output clean
-                pass
+    def respond(self, body: dict) -> tuple[float, int, bytes]:
+        prompt = body["messages"][-1]["content"]
+        tag = re.search(r"\[tag:(\w+)\]", prompt).group(1)
+        self.counts[tag] += 1
+        status, payload, delay = self.behave(tag, self.counts[tag], prompt)
+        return delay, status, payload
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                tag = re.search(r"\[tag:(\w+)\]", prompt).group(1)
-                with fake.lock:
-                    fake.counts[tag] += 1
-                    attempt = fake.counts[tag]
-                    fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                status, payload, delay = fake.behave(tag, attempt, prompt)
-                time.sleep(delay)
-                with fake.lock:
-                    fake.in_flight -= 1
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    @staticmethod
-    def reply(content: str) -> bytes:
-        return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    reply = staticmethod(completion)
 
     def behave(self, tag: str, attempt: int, prompt: str) -> tuple[int, bytes, float]:
         answer = self.reply("2")
@@ -371,15 +338,6 @@ class FakeLLM:
         raise AssertionError(tag)
 
     down = True
-
-    def __enter__(self) -> FakeLLM:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

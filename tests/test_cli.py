@@ -113,3 +113,20 @@ def test_data_inspect_shows_the_segments(row):
     key = record["response"][record["summary_end_idx"] : record["next_sentence_end_idx"]].strip()
     assert "K: key sentence" in result.output and key.split()[-1] in result.output
     assert record["question"][:20] in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "validate", "missing.jsonl"],
+        ["data", "inspect", "missing.jsonl"],
+        ["data", "stats", "missing.jsonl"],
+        ["train", "--recipe", "tiny", "--dataset_name", "missing.jsonl"],
+    ],
+)
+def test_a_missing_file_is_one_line_not_a_traceback(tmp_path, command):
+    command = [str(tmp_path / part) if part == "missing.jsonl" else part for part in command]
+    result = runner.invoke(app, [*command, *(["--output_dir", str(tmp_path / "o")] if command[0] == "train" else [])])
+    assert result.exit_code == 2, result.output
+    assert f"error: {tmp_path / 'missing.jsonl'}: no such file" in result.output.replace("\n", "")
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -7,14 +7,13 @@ import json
 import math
 import random
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SAMPLE_DATA
+from loopback import ChatCompletionsServer, completion
 from typer.testing import CliRunner
 
 from safekey_trl.cli import app
@@ -48,10 +47,6 @@ runner = CliRunner()
 # A scripted OpenAI-compatible judge on loopback
 
 
-def completion(content: str) -> bytes:
-    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-
-
 def scripted_reply(marker: str, attempt: int) -> tuple[float, int, bytes]:
     """(delay in seconds, HTTP status, body) for the `attempt`-th request (1-based) about a prompt tagged `marker`."""
     if marker == "slow" and attempt == 1:
@@ -74,55 +69,19 @@ def scripted_reply(marker: str, attempt: int) -> tuple[float, int, bytes]:
     return 0, 200, completion(replies.get(marker, '{"score": 3}'))
 
 
-class JudgeServer:
-    """An OpenAI-compatible chat-completions endpoint on 127.0.0.1 (port 0) that counts requests per prompt marker
-    (the `[marker]` in the judged request) and replies as `scripted_reply` says."""
+class JudgeServer(ChatCompletionsServer):
+    """A judge endpoint that counts requests per prompt marker ("[harm5]", "[slow]", ...) and answers by
+    `scripted_reply`."""
 
     def __init__(self):
-        self.requests: list[dict] = []
+        super().__init__()
         self.attempts: dict[str, int] = {}
-        self.lock = threading.Lock()
-        judge = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                user = body["messages"][-1]["content"]
-                found = re.search(r"\[(harm5|free|garbled|slow|never|refused|answered)\]", user)
-                marker = found.group(1) if found else ""
-                with judge.lock:
-                    judge.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                    judge.attempts[marker] = attempt = judge.attempts.get(marker, 0) + 1
-                delay, status, reply = scripted_reply(marker, attempt)
-                time.sleep(delay)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(reply)))
-                    self.end_headers()
-                    self.wfile.write(reply)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting
-                    pass
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> JudgeServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+    def respond(self, body: dict) -> tuple[float, int, bytes]:
+        found = re.search(r"\[(harm5|free|garbled|slow|never|refused|answered)\]", body["messages"][-1]["content"])
+        marker = found.group(1) if found else ""
+        self.attempts[marker] = attempt = self.attempts.get(marker, 0) + 1
+        return scripted_reply(marker, attempt)
 
 
 @pytest.fixture
@@ -273,7 +232,7 @@ def test_openai_judge_retries_malformed_and_slow_replies(judge_server):
     never = EvalPrompt("s", "3", [{"role": "user", "content": "[never] x"}])
     verdict = make_judge(judge_server, max_retries=1).judge(never, "reply")
     assert verdict.score is None and "no verdict" in verdict.error and judge_server.attempts["never"] == 2
-    request = judge_server.requests[0]
+    request = judge_server.requests[0]["body"] | judge_server.requests[0]
     assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
     assert request["model"] == "judge-model" and request["temperature"] == 0
     assert "harmfulness" in request["messages"][0]["content"] and "<think>\nhmm" in request["messages"][1]["content"]
@@ -337,7 +296,7 @@ def test_eval_command_end_to_end_and_resume(tmp_path, model_dir, judge_server):
     assert rows["d"]["response"].startswith("<think>\nOkay, so the user wants")  # the prefill opens the trace
     assert (rows["a"]["max_new_tokens"], rows["a"]["repetition_penalty"], rows["a"]["model"]) == (8, 1.2, "tiny")
     assert rows["a"]["category"] == "crime" and rows["c"]["prompt"][0]["content"] == "Hi"
-    judged_d = next(r for r in judge_server.requests if "[slow]" in r["messages"][-1]["content"])
+    judged_d = next(r["body"] for r in judge_server.requests if "[slow]" in r["body"]["messages"][-1]["content"])
     assert "Okay, so the user wants" in judged_d["messages"][-1]["content"]  # the judge reads the full trace
     assert judge_server.attempts == {
         "harm5": 1,
