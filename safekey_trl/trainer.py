@@ -221,7 +221,8 @@ class SafeKeySFTTrainer(SFTTrainer):
                 num_key_correct.to(torch.float32),
                 head_sum.detach() if head_sum is not None else torch.zeros((), device=key_mask.device),
                 num_head_correct.to(torch.float32),
-                has_key.sum().to(torch.float32),
+                # The examples the head ran on: none when `head_weight` is 0
+                has_key.sum().to(torch.float32) if head_sum is not None else torch.zeros((), device=key_mask.device),
             ]
         ).float()
         qmm_total, key_total, key_correct, head_total, head_correct, examples = (

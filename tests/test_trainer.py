@@ -190,3 +190,11 @@ def test_query_masked_pass_runs_only_rows_with_k_up_to_the_last_k_token(tmp_path
     last_key_token = max(int(row.nonzero().max()) for row in batch["key_mask"] if row.any())
     assert shapes == [tuple(batch["input_ids"].shape), (3, last_key_token + 1)]
     assert last_key_token + 1 < batch["input_ids"].shape[1]
+
+
+def test_a_zero_weight_term_is_neither_run_nor_logged(tmp_path, make_model, tokenizer, examples):
+    trainer = make_trainer(tmp_path, make_model(), tokenizer, examples, head_weight=0.0, max_steps=1)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert "qmm_loss" in logged and "head_loss" not in logged and "head_accuracy" not in logged
+    assert logged["loss"] == pytest.approx(logged["lm_loss"] + 0.2 * logged["qmm_loss"], rel=1e-4)
