@@ -12,7 +12,7 @@ from trl import ModelConfig
 
 from .config import SafeKeyConfig
 from .modeling import lora_targets
-from .tiny import build_tiny_model, build_tiny_tokenizer, is_tiny_model_name
+from .tiny import build_tiny_tokenizer, is_tiny_model_name, tiny_architecture, tiny_config
 
 # TRL's fused LM head works on float32 tiles of up to 4,096 tokens × 32,768 vocabulary entries
 FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
@@ -64,7 +64,7 @@ class TrainingPlan:
 def _model_config(model_args: ModelConfig, trust_remote_code: bool) -> PretrainedConfig:
     name = model_args.model_name_or_path
     if is_tiny_model_name(name):
-        return build_tiny_model(build_tiny_tokenizer(), name.split(":", 1)[1] or "qwen2").config
+        return tiny_config(build_tiny_tokenizer(), tiny_architecture(name))
     try:
         return AutoConfig.from_pretrained(
             name, revision=model_args.model_revision, trust_remote_code=trust_remote_code

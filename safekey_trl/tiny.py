@@ -103,15 +103,10 @@ def build_tiny_tokenizer(chat_template: str | None = None, vocab_size: int = 102
     return tokenizer
 
 
-def build_tiny_model(
-    tokenizer: PreTrainedTokenizerBase,
-    architecture: str = "qwen2",
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    seed: int = 0,
-    attn_implementation: str = "sdpa",
-) -> torch.nn.Module:
-    """A randomly initialised causal LM sized for CPU: 2 layers, 64 wide by default."""
+def tiny_config(
+    tokenizer: PreTrainedTokenizerBase, architecture: str = "qwen2", hidden_size: int = 64, num_layers: int = 2
+):
+    """The config of a tiny causal LM sized for CPU: 2 layers, 64 wide by default, vocabulary of `tokenizer`."""
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -126,24 +121,29 @@ def build_tiny_model(
         tie_word_embeddings=True,
     )
     if architecture == "qwen2":
-        config = Qwen2Config(**common)
-    elif architecture == "llama":
-        config = LlamaConfig(**common)
-    else:
-        raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {TINY_ARCHITECTURES}.")
+        return Qwen2Config(**common)
+    if architecture == "llama":
+        return LlamaConfig(**common)
+    raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {TINY_ARCHITECTURES}.")
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerBase,
+    architecture: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> torch.nn.Module:
+    """A randomly initialised causal LM with the [`tiny_config`], seeded."""
+    config = tiny_config(tokenizer, architecture, hidden_size, num_layers)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
-def load_tiny(name: str, attn_implementation: str = "sdpa", seed: int = 0):
-    """Build the tiny model named `tiny:<architecture>` and its tokenizer. Returns `(model, tokenizer)`."""
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, _architecture(name), seed=seed, attn_implementation=attn_implementation)
-    return model, tokenizer
-
-
-def _architecture(name: str) -> str:
+def tiny_architecture(name: str) -> str:
+    """The architecture a `tiny:<architecture>` name asks for (`qwen2` when none is given)."""
     return name[len(TINY_PREFIX) :] or "qwen2"
 
 
@@ -152,19 +152,22 @@ def materialize_tiny(name: str, cache_dir: str | Path | None = None, seed: int =
 
     Loading through `from_pretrained` is what 4-bit quantization needs, and a LoRA adapter trained on it records that
     directory as its base model, so `safekey-trl export --merge` can find it again. The directory name carries a hash
-    of the tokenizer and config: the same build is reused, a changed one gets a new directory.
+    of the tokenizer and config: the same build is reused (the model is only built when the directory is missing), a
+    changed one gets a new directory.
     """
     import hashlib
 
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, _architecture(name), seed=seed)
+    architecture = tiny_architecture(name)
     digest = hashlib.sha256(
-        (tokenizer.backend_tokenizer.to_str() + model.config.to_json_string() + str(seed)).encode()
+        (
+            tokenizer.backend_tokenizer.to_str() + tiny_config(tokenizer, architecture).to_json_string() + str(seed)
+        ).encode()
     ).hexdigest()[:12]
     root = Path(cache_dir or os.environ.get("SAFEKEY_TRL_CACHE") or Path.home() / ".cache" / "safekey-trl")
-    directory = root / f"tiny-{_architecture(name)}-{digest}"
+    directory = root / f"tiny-{architecture}-{digest}"
     if not (directory / "config.json").is_file():
-        model.save_pretrained(directory)
+        build_tiny_model(tokenizer, architecture, seed=seed).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     return directory
 
