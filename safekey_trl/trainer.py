@@ -133,7 +133,7 @@ class SafeKeySFTTrainer(SFTTrainer):
 
     def _causal_lm(self) -> PreTrainedModel:
         """The causal LM inside any accelerate or PEFT wrapper."""
-        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     @property
