@@ -33,6 +33,12 @@ class SafeKeyConfig(SFTConfig):
         head_detach_hidden (`bool`, *optional*, defaults to `False`):
             The paper's ablation that trains the head on detached hidden states: the head still learns, but its loss
             sends no gradient into the model. `L_LM` and `L_QMM` are unchanged.
+        lm_head_kernel (`str`, *optional*, defaults to `"auto"`):
+            How the LM term's head is computed without building the full logits. `"trl"`: TRL's fused LM head, whose
+            Triton kernel runs on CUDA and XPU and whose torch fallback runs elsewhere. `"tiled"`: SafeKey's tiled
+            torch kernel (`safekey_trl.lm_head`), several times faster than TRL's fallback on a CPU. `"auto"`: TRL's
+            on devices with Triton, the tiled kernel elsewhere. Both give the same loss, gradients and metrics;
+            models whose LM head TRL transforms (logit scaling, soft-capping) or MoE models always use TRL's.
     """
 
     qmm_weight: float = field(
@@ -52,6 +58,14 @@ class SafeKeyConfig(SFTConfig):
             "help": "Train the head on detached hidden states (the paper's ablation): no gradient to the model."
         },
     )
+    lm_head_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "LM-term kernel: 'trl' (TRL's fused LM head), 'tiled' (SafeKey's torch kernel, fast on CPU), "
+            "or 'auto' (TRL's where Triton runs, tiled elsewhere).",
+            "choices": ["auto", "trl", "tiled"],
+        },
+    )
 
     def __post_init__(self):
         # The head has no gradient in the plain-SFT epochs, or in a micro-batch whose K were all cut: DDP must look for
@@ -64,6 +78,8 @@ class SafeKeyConfig(SFTConfig):
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not 0.0 <= self.head_theta <= 1.0:
             raise ValueError(f"`head_theta` must be in [0, 1], got {self.head_theta}.")
+        if self.lm_head_kernel not in ("auto", "trl", "tiled"):
+            raise ValueError(f"`lm_head_kernel` must be 'auto', 'trl' or 'tiled', got {self.lm_head_kernel!r}.")
         if self.auxiliary_epochs < 0:
             raise ValueError(f"`auxiliary_epochs` must be >= 0, got {self.auxiliary_epochs}.")
         if self.packing or self.padding_free:

@@ -26,6 +26,7 @@ from .heads import (
     save_head_state,
     split_head_state,
 )
+from .lm_head import add_tiled_lm_head, supports_tiled_lm_head
 from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class SafeKeyDataCollator(DataCollatorForLanguageModeling):
 class SafeKeySFTTrainer(SFTTrainer):
     """SFT with SafeKey's two auxiliary objectives.
 
-    `compute_loss` = TRL's LM loss (fused LM head, unchanged) + `qmm_weight`·L_QMM + `head_weight`·(θ·L_U +
+    `compute_loss` = TRL's LM loss (fused LM head; see `lm_head_kernel`) + `qmm_weight`·L_QMM + `head_weight`·(θ·L_U +
     (1−θ)·L_prefix), the auxiliary terms on during the last `auxiliary_epochs` epochs.
 
     Args:
@@ -106,6 +107,14 @@ class SafeKeySFTTrainer(SFTTrainer):
             **kwargs,
         )
         causal_lm = self._causal_lm()
+        # `SFTTrainer.__init__` gave the model TRL's fused LM head; off Triton devices the tiled kernel serves it
+        if args.lm_head_kernel != "trl":
+            if args.lm_head_kernel == "tiled" and not supports_tiled_lm_head(causal_lm):
+                raise ValueError(
+                    f"`lm_head_kernel='tiled'` does not cover {type(causal_lm).__name__}'s LM head (logit scaling, "
+                    "soft-capping or MoE router losses): use 'auto' or 'trl'."
+                )
+            add_tiled_lm_head(causal_lm, always=args.lm_head_kernel == "tiled")
         if safety_head is None:
             safety_head = DualPathSafetyHead(causal_lm.config.get_text_config().hidden_size)
         # The head is a submodule of the model, run inside its forward, so that DDP, DeepSpeed and FSDP shard, sync

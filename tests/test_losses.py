@@ -47,13 +47,16 @@ def reference_losses(model, head, batch, theta=0.5, mask_query=True):
     return lm.item(), sum(key_losses) / len(key_losses), sum(head_losses) / len(head_losses)
 
 
+@pytest.mark.parametrize("lm_head_kernel", ["trl", "tiled"])
 @pytest.mark.parametrize("mask_query", [True, False])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_total_loss_equals_hand_computation(
-    tmp_path, make_model, tokenizer, examples, mask_query, attn_implementation
+    tmp_path, make_model, tokenizer, examples, mask_query, attn_implementation, lm_head_kernel
 ):
     model = make_model(attn_implementation=attn_implementation)
-    trainer = make_trainer(tmp_path, model, tokenizer, examples, qmm_mask_query=mask_query, head_theta=0.3)
+    trainer = make_trainer(
+        tmp_path, model, tokenizer, examples, qmm_mask_query=mask_query, head_theta=0.3, lm_head_kernel=lm_head_kernel
+    )
     model.eval()
     batch = first_batch(trainer)
     lm, qmm, head = reference_losses(model, trainer.safety_head, batch, theta=0.3, mask_query=mask_query)
