@@ -1,12 +1,14 @@
 """What SafeKey costs over plain SFT: step time and peak memory, against TRL's SFTTrainer and the paper's way.
 
 Runs, in one process and on the same batches:
-  1. plain TRL `SFTTrainer` training steps (the floor),
-  2. `SafeKeySFTTrainer` (fused LM head, last hidden state only, a short query-masked pass scoring K only),
-  3. a reference-style SafeKey step mirroring the paper's computation: every hidden state, the full logits for the
-     LM loss, and a second full-length forward building the full logits again to score K,
-  4. for context, plain SFT with the model's own loss on the full logits (no fused head): on a CPU, where TRL's fused
-     LM head has no Triton kernel, this is faster than (1), which bounds what any step built on (1) can gain.
+  1. plain SFT: TRL's `SFTTrainer` training steps (the floor the issue sets),
+  2. SafeKey: `SafeKeySFTTrainer` as configured by default (last hidden state only, a short query-masked pass scoring
+     K only; the LM term through TRL's fused LM head where Triton runs, through SafeKey's tiled kernel elsewhere),
+  3. reference: a SafeKey step mirroring the paper's computation: every hidden state, the full logits for the LM loss,
+     and a second full-length forward building the full logits again to score K,
+  4. full-logits SFT, for context: plain SFT with the model's own loss on the full logits (no fused head),
+  5. SafeKey with `lm_head_kernel="trl"` and 6. plain SFT through `SafeKeySFTTrainer` with both auxiliary weights 0
+     and `lm_head_kernel="tiled"`: with (1) and (2), SafeKey's own overhead with either LM-head kernel held fixed.
 
 The model is a scaled-down Qwen2 that keeps the ratio that matters: Qwen's 152,064-token vocabulary against a small
 hidden size. U+K end near 12% of each sequence, as in real traces. Peak memory is the growth of the process's peak
@@ -40,7 +42,14 @@ from safekey_trl import DualPathSafetyHead, SafeKeyConfig, SafeKeySFTTrainer  # 
 from safekey_trl.losses import safety_head_loss, span_mask  # noqa: E402
 from safekey_trl.tiny import build_tiny_tokenizer  # noqa: E402
 
-METHODS = ("plain SFT", "SafeKey", "reference", "full-logits SFT")
+METHODS = (
+    "plain SFT",
+    "SafeKey",
+    "reference",
+    "full-logits SFT",
+    "SafeKey, TRL head",
+    "plain SFT, tiled head",
+)
 
 
 def make_batch(length: int, batch_size: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -241,17 +250,20 @@ def main() -> None:
             "unsafe": [1],
         }
     )
-    safekey = SafeKeySFTTrainer(
-        make_model(args),
-        SafeKeyConfig(output_dir=output_dir, num_train_epochs=1, auxiliary_epochs=1, **common),
-        train_dataset=safekey_dummy,
-        processing_class=tokenizer,
-    )
+
+    def safekey_trainer(**overrides) -> SafeKeySFTTrainer:
+        config = SafeKeyConfig(output_dir=output_dir, num_train_epochs=1, auxiliary_epochs=1, **common, **overrides)
+        return SafeKeySFTTrainer(make_model(args), config, train_dataset=safekey_dummy, processing_class=tokenizer)
+
     steps = {
         "plain SFT": trainer_step(plain, sft_only=True),
-        "SafeKey": trainer_step(safekey, sft_only=False),
+        "SafeKey": trainer_step(safekey_trainer(), sft_only=False),
         "reference": reference_step(make_model(args), args),
         "full-logits SFT": full_logits_sft_step(make_model(args), args),
+        "SafeKey, TRL head": trainer_step(safekey_trainer(lm_head_kernel="trl"), sft_only=False),
+        "plain SFT, tiled head": trainer_step(
+            safekey_trainer(lm_head_kernel="tiled", qmm_weight=0.0, head_weight=0.0), sft_only=False
+        ),
     }
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} threads"
@@ -269,21 +281,33 @@ def main() -> None:
     if args.device == "cpu":
         fix_mmap_threshold()
     memory = {(length, m): peak_memory(steps[m], batches[length], args) for length in args.lengths for m in METHODS}
-    print(
-        "| tokens | plain s | SafeKey s | reference s | full-logits SFT s | SafeKey/plain time "
-        "| reference/SafeKey time | plain MiB | SafeKey MiB | reference MiB | full-logits SFT MiB "
-        "| SafeKey/plain mem | reference/SafeKey mem |"
-    )
-    print("|" + "---|" * 13)
-    for length in args.lengths:
-        plain_s, safekey_s, reference_s, full_s = (times[length, m] for m in METHODS)
-        plain_mb, safekey_mb, reference_mb, full_mb = (memory[length, m] for m in METHODS)
-        print(
-            f"| {length} | {plain_s:.2f} | {safekey_s:.2f} | {reference_s:.2f} | {full_s:.2f} "
-            f"| **{safekey_s / plain_s:.2f}** | **{reference_s / safekey_s:.2f}** "
-            f"| {plain_mb:.0f} | {safekey_mb:.0f} | {reference_mb:.0f} | {full_mb:.0f} "
-            f"| **{safekey_mb / plain_mb:.2f}** | **{reference_mb / safekey_mb:.2f}** |"
-        )
+    print_tables(args.lengths, times, memory)
+
+
+def print_tables(lengths: list[int], times: dict, memory: dict) -> None:
+    """Three Markdown tables: step times, peak memory, and the ratios."""
+    for title, values, unit, digits in (("Step time", times, "s", 2), ("Peak memory growth", memory, "MiB", 0)):
+        print(f"{title} ({unit}):\n")
+        print("| tokens | " + " | ".join(METHODS) + " |")
+        print("|---|" + "---|" * len(METHODS))
+        for length in lengths:
+            print(f"| {length} | " + " | ".join(f"{values[length, m]:.{digits}f}" for m in METHODS) + " |")
+        print()
+    ratios = {
+        "SafeKey / plain SFT": ("SafeKey", "plain SFT"),
+        "reference / SafeKey": ("reference", "SafeKey"),
+        "SafeKey / plain, TRL head": ("SafeKey, TRL head", "plain SFT"),
+        "SafeKey / plain, tiled head": ("SafeKey", "plain SFT, tiled head"),
+    }
+    print("Ratios (time; memory):\n")
+    print("| tokens | " + " | ".join(ratios) + " |")
+    print("|---|" + "---|" * len(ratios))
+    for length in lengths:
+        cells = [
+            f"{times[length, a] / times[length, b]:.2f}; {memory[length, a] / memory[length, b]:.2f}"
+            for a, b in ratios.values()
+        ]
+        print(f"| {length} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
