@@ -2,13 +2,14 @@
 
 Runs, in one process and on the same batches:
   1. plain SFT: TRL's `SFTTrainer` training steps (the floor the issue sets),
-  2. SafeKey: `SafeKeySFTTrainer` as configured by default (last hidden state only, a short query-masked pass scoring
-     K only; the LM term through TRL's fused LM head where Triton runs, through SafeKey's tiled kernel elsewhere),
+  2. SafeKey: `SafeKeySFTTrainer` (last hidden state only, a short query-masked pass scoring K only), once with each
+     LM-head kernel: `lm_head_kernel="trl"` (TRL's fused LM head) and `"tiled"` (SafeKey's kernel); the default,
+     `"auto"`, is the first where Triton runs and the second elsewhere, and the SafeKey ratios use the default,
   3. reference: a SafeKey step mirroring the paper's computation: every hidden state, the full logits for the LM loss,
      and a second full-length forward building the full logits again to score K,
   4. full-logits SFT, for context: plain SFT with the model's own loss on the full logits (no fused head),
-  5. SafeKey with `lm_head_kernel="trl"` and 6. plain SFT through `SafeKeySFTTrainer` with both auxiliary weights 0
-     and `lm_head_kernel="tiled"`: with (1) and (2), SafeKey's own overhead with either LM-head kernel held fixed.
+  5. plain SFT through the tiled kernel (`SafeKeySFTTrainer`, both auxiliary weights 0): with (1), it shows SafeKey's
+     own overhead with either LM-head kernel held fixed.
 
 The model is a scaled-down Qwen2 that keeps the ratio that matters: Qwen's 152,064-token vocabulary against a small
 hidden size. U+K end near 12% of each sequence, as in real traces. Peak memory is the growth of the process's peak
@@ -39,15 +40,16 @@ from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from safekey_trl import DualPathSafetyHead, SafeKeyConfig, SafeKeySFTTrainer  # noqa: E402
+from safekey_trl.lm_head import triton_runs_on  # noqa: E402
 from safekey_trl.losses import safety_head_loss, span_mask  # noqa: E402
 from safekey_trl.tiny import build_tiny_tokenizer  # noqa: E402
 
 METHODS = (
     "plain SFT",
-    "SafeKey",
+    "SafeKey, TRL head",
+    "SafeKey, tiled head",
     "reference",
     "full-logits SFT",
-    "SafeKey, TRL head",
     "plain SFT, tiled head",
 )
 
@@ -257,10 +259,10 @@ def main() -> None:
 
     steps = {
         "plain SFT": trainer_step(plain, sft_only=True),
-        "SafeKey": trainer_step(safekey_trainer(), sft_only=False),
+        "SafeKey, TRL head": trainer_step(safekey_trainer(lm_head_kernel="trl"), sft_only=False),
+        "SafeKey, tiled head": trainer_step(safekey_trainer(lm_head_kernel="tiled"), sft_only=False),
         "reference": reference_step(make_model(args), args),
         "full-logits SFT": full_logits_sft_step(make_model(args), args),
-        "SafeKey, TRL head": trainer_step(safekey_trainer(lm_head_kernel="trl"), sft_only=False),
         "plain SFT, tiled head": trainer_step(
             safekey_trainer(lm_head_kernel="tiled", qmm_weight=0.0, head_weight=0.0), sft_only=False
         ),
@@ -281,11 +283,14 @@ def main() -> None:
     if args.device == "cpu":
         fix_mmap_threshold()
     memory = {(length, m): peak_memory(steps[m], batches[length], args) for length in args.lengths for m in METHODS}
-    print_tables(args.lengths, times, memory)
+    # What `lm_head_kernel: auto` picks on this device
+    default = "SafeKey, TRL head" if triton_runs_on(torch.device(args.device)) else "SafeKey, tiled head"
+    print(f"# SafeKey's default here: {default}\n")
+    print_tables(args.lengths, times, memory, default)
 
 
-def print_tables(lengths: list[int], times: dict, memory: dict) -> None:
-    """Three Markdown tables: step times, peak memory, and the ratios."""
+def print_tables(lengths: list[int], times: dict, memory: dict, default: str) -> None:
+    """Three Markdown tables: step times, peak memory, and the ratios (SafeKey's with its `default` kernel)."""
     for title, values, unit, digits in (("Step time", times, "s", 2), ("Peak memory growth", memory, "MiB", 0)):
         print(f"{title} ({unit}):\n")
         print("| tokens | " + " | ".join(METHODS) + " |")
@@ -294,10 +299,10 @@ def print_tables(lengths: list[int], times: dict, memory: dict) -> None:
             print(f"| {length} | " + " | ".join(f"{values[length, m]:.{digits}f}" for m in METHODS) + " |")
         print()
     ratios = {
-        "SafeKey / plain SFT": ("SafeKey", "plain SFT"),
-        "reference / SafeKey": ("reference", "SafeKey"),
+        "SafeKey / plain SFT": (default, "plain SFT"),
+        "reference / SafeKey": ("reference", default),
         "SafeKey / plain, TRL head": ("SafeKey, TRL head", "plain SFT"),
-        "SafeKey / plain, tiled head": ("SafeKey", "plain SFT, tiled head"),
+        "SafeKey / plain, tiled head": ("SafeKey, tiled head", "plain SFT, tiled head"),
     }
     print("Ratios (time; memory):\n")
     print("| tokens | " + " | ".join(ratios) + " |")
