@@ -37,8 +37,9 @@ class SafeKeyConfig(SFTConfig):
             How the LM term's head is computed without building the full logits. `"trl"`: TRL's fused LM head, whose
             Triton kernel runs on CUDA and XPU and whose torch fallback runs elsewhere. `"tiled"`: SafeKey's tiled
             torch kernel (`safekey_trl.lm_head`), several times faster than TRL's fallback on a CPU. `"auto"`: TRL's
-            on devices with Triton, the tiled kernel elsewhere. Both give the same loss, gradients and metrics;
-            models whose LM head TRL transforms (logit scaling, soft-capping) or MoE models always use TRL's.
+            on devices with Triton, the tiled kernel elsewhere. Both give the same loss, gradients and metrics.
+            Models whose LM head TRL transforms (logit scaling, soft-capping) and MoE models use TRL's under `"auto"`;
+            `"tiled"` refuses them.
     """
 
     qmm_weight: float = field(
