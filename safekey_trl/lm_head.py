@@ -73,8 +73,7 @@ class TiledLogProbs(torch.autograd.Function):
         entropy = torch.empty_like(log_z)
         is_top1 = torch.empty(num_tokens, device=device, dtype=torch.bool)
         weight_c = weight.to(compute_dtype)
-        tile = min(tile_tokens, max(num_tokens, 1))
-        logits_buffer = torch.empty(tile, weight.shape[0], device=device, dtype=torch.float32)
+        logits_buffer = _tile_buffer(num_tokens, tile_tokens, weight)
         exp_buffer = torch.empty_like(logits_buffer)
         for start in range(0, num_tokens, tile_tokens):
             rows = slice(start, start + tile_tokens)
@@ -110,9 +109,7 @@ class TiledLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs_bias else None
         grad_log_probs = grad_log_probs.float()
-        logits_buffer = torch.empty(
-            min(tile_tokens, max(hidden.shape[0], 1)), weight.shape[0], device=hidden.device, dtype=torch.float32
-        )
+        logits_buffer = _tile_buffer(hidden.shape[0], tile_tokens, weight)
         for start in range(0, hidden.shape[0], tile_tokens):
             rows = slice(start, start + tile_tokens)
             grad = grad_log_probs[rows, None]
@@ -133,6 +130,12 @@ class TiledLogProbs(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _tile_buffer(num_tokens: int, tile_tokens: int, weight: torch.Tensor) -> torch.Tensor:
+    """An uninitialised float32 tile: as many rows as the widest tile of `num_tokens` needs, the vocabulary wide."""
+    rows = min(tile_tokens, max(num_tokens, 1))
+    return torch.empty(rows, weight.shape[0], device=weight.device, dtype=torch.float32)
 
 
 def _project(
