@@ -17,20 +17,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from safekey_trl.data import SafeKeyExample  # noqa: E402
-from safekey_trl.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from safekey_trl.tiny import build_tiny_model, build_tiny_tokenizer, r1_distill_chat_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-TEMPLATE_FILE = FIXTURES / "deepseek_r1_distill_chat_template.jinja"
 SAMPLE_DATA = ROOT / "data" / "safekey_sample.jsonl"
 
 
 @pytest.fixture(scope="session")
 def chat_template() -> str:
-    """The real DeepSeek-R1-Distill chat template, from ../shared/fixtures (never a copy)."""
-    if not TEMPLATE_FILE.is_file():
-        pytest.fail(f"Missing test fixture {TEMPLATE_FILE}: the tests need ../shared/fixtures beside the checkout.")
-    return TEMPLATE_FILE.read_text(encoding="utf-8")
+    """The real DeepSeek-R1-Distill chat template: the package's copy (checked against TRL's in test_data)."""
+    return r1_distill_chat_template()
 
 
 @pytest.fixture(scope="session")

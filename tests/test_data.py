@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import pytest
-from conftest import SAMPLE_DATA, TEMPLATE_FILE, make_example
+from conftest import SAMPLE_DATA, make_example
 from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,8 +22,11 @@ from safekey_trl.data import (
 from safekey_trl.tiny import r1_distill_chat_template
 
 
-def test_packaged_template_is_the_real_one(chat_template):
-    assert r1_distill_chat_template() == chat_template
+def test_packaged_template_is_trls_byte_for_byte():
+    """The package's copy is the model's own template, as TRL ships it (byte-identical to the model's)."""
+    trl_copy = resources.files("trl") / "chat_templates" / "deepseek_r1_distill.jinja"
+    assert r1_distill_chat_template() == trl_copy.read_text(encoding="utf-8")
+    assert "{% set content = content.split('</think>')[-1] %}" in r1_distill_chat_template()
 
 
 def test_naive_rendering_loses_the_trace_and_ours_keeps_it(tokenizer):
@@ -226,10 +230,6 @@ def test_bad_json_file_is_reported(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_examples(str(tmp_path / "nope.jsonl"))
-
-
-def test_template_fixture_exists():
-    assert TEMPLATE_FILE.is_file()
 
 
 def test_a_token_straddling_u_and_k_belongs_to_u(tokenizer):
