@@ -137,6 +137,7 @@ def validate(
     harmful = sum(example.unsafe for example in valid)
     console.print(f"{file}: {rows_read} rows read")
     console.print(f"  valid: {len(valid)} ({harmful} harmful, {len(valid) - harmful} benign)")
+    console.print(f"  K in the answer (outside the trace): {sum(example.key_in_answer for example in valid)}")
     if max_length is not None:
         console.print(
             f"  K cut by max_length={max_length}: {stats.key_truncated}; dropped: {stats.dropped_no_response}"

@@ -6,7 +6,10 @@ A row in the SafeKey reference format::
      "summary_end_idx": int, "next_sentence_end_idx": int, "source": str}
 
 U (the query understanding) is ``response[:summary_end_idx]`` and K (the key sentence) is
-``response[summary_end_idx:next_sentence_end_idx]``; both are character offsets (Python string indices). A row is
+``response[summary_end_idx:next_sentence_end_idx]``; both are character offsets (Python string indices). K usually
+lies in the trace; it may lie in the answer instead (the reference data has rows with an empty trace
+``<think>\n\n</think>\n\n{answer}`` whose U covers the empty think block and whose K is the answer's first
+sentence), but it may not straddle ``</think>``. A row is
 harmful unless its ``source`` is ``"4o_rewrite"``; an explicit boolean ``unsafe`` field wins over ``source``.
 A ``messages`` form is accepted too: a list of chat turns ending with the assistant turn that holds the response,
 the offsets then pointing into that last turn's content.
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 THINK_OPEN = "<think>\n"
 THINK_CLOSE = "\n</think>\n\n"
+OPEN_TAG = "<think>"
+CLOSE_TAG = "</think>"
 BENIGN_SOURCE = "4o_rewrite"
 
 # The per-example features the SafeKey trainer reads beside `input_ids` and `labels`.
@@ -64,6 +69,12 @@ class SafeKeyExample:
     unsafe: bool
     source: str = "<memory>"
     row: int = 0
+
+    @property
+    def key_in_answer(self) -> bool:
+        """Whether K lies after the reasoning trace, in the answer (as in the reference data's empty-trace rows)."""
+        trace_end = self.response.find(THINK_CLOSE)
+        return 0 <= trace_end < self.next_sentence_end_idx
 
 
 @dataclass
@@ -182,6 +193,10 @@ def validate_row(row: Any, source: str, number: int) -> SafeKeyExample:
             source, number, response_field, "no <think> block: expected '<think>\\n{trace}\\n</think>\\n\\n{answer}'"
         )
     trace_end = response.index(THINK_CLOSE)
+    if response.count(OPEN_TAG) > 1 or response.count(CLOSE_TAG) > 1:
+        raise SafeKeyDataError(
+            source, number, response_field, "a second <think> block: expected one reasoning trace, then the answer"
+        )
     summary_end = _require(row, "summary_end_idx", int, source, number)
     key_end = _require(row, "next_sentence_end_idx", int, source, number)
     for name, value in (("summary_end_idx", summary_end), ("next_sentence_end_idx", key_end)):
@@ -195,12 +210,20 @@ def validate_row(row: Any, source: str, number: int) -> SafeKeyExample:
         raise SafeKeyDataError(
             source, number, "next_sentence_end_idx", f"{key_end} is not after summary_end_idx ({summary_end})"
         )
-    if key_end > trace_end:
+    # K may lie in the answer (the reference data has rows with an empty trace, U covering the empty think block and
+    # K the answer's first sentence), but no boundary may cut the closing tag and K may not straddle it
+    tag_start = trace_end + 1  # THINK_CLOSE is "\n</think>\n\n"
+    tag_end = tag_start + len(CLOSE_TAG)
+    for name, value in (("summary_end_idx", summary_end), ("next_sentence_end_idx", key_end)):
+        if tag_start < value < tag_end:
+            raise SafeKeyDataError(source, number, name, f"{value} cuts the {CLOSE_TAG} tag at {tag_start}")
+    if summary_end <= tag_start and key_end >= tag_end:
         raise SafeKeyDataError(
             source,
             number,
             "next_sentence_end_idx",
-            f"{key_end} runs past the end of the reasoning trace ({trace_end})",
+            f"the key sentence K [{summary_end}, {key_end}) spans the {CLOSE_TAG} tag at {tag_start}: K lies in the "
+            "trace or in the answer, not across both",
         )
     if not response[summary_end:key_end].strip():
         raise SafeKeyDataError(source, number, "next_sentence_end_idx", "the key sentence K is blank")

@@ -52,6 +52,7 @@ class DataStats:
     understanding_tokens: list[int] = field(default_factory=list)
     key_tokens: list[int] = field(default_factory=list)
     total_tokens: list[int] = field(default_factory=list)
+    key_in_answer: int = 0
     max_length: int | None = None
     key_cut: int = 0
     dropped: int = 0
@@ -77,6 +78,7 @@ def compute_stats(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int
             continue
         stats.harmful += example.unsafe
         stats.benign += not example.unsafe
+        stats.key_in_answer += example.key_in_answer
         stats.prompt_tokens.append(prompt_len)
         stats.understanding_tokens.append(key_start - prompt_len)
         stats.key_tokens.append(key_end - key_start)
@@ -115,6 +117,8 @@ def render_stats(stats: DataStats, path: str = "") -> str:
     lines = [f"{path}: {stats.rows} rows, {measured} measured ({stats.harmful} harmful, {stats.benign} benign)"]
     if measured:
         lines.append(f"  harmful share: {stats.harmful / measured:.1%}")
+    if measured:
+        lines.append(f"  K in the answer (outside the trace): {stats.key_in_answer}")
     if stats.report.count:
         lines.append(f"  invalid: {stats.report.count} (run `safekey-trl data validate` for the list)")
     for name, values in (

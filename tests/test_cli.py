@@ -88,6 +88,7 @@ def test_data_validate_reports_counts():
     result = runner.invoke(app, ["data", "validate", str(SAMPLE_DATA), "--max-length", "256"])
     assert result.exit_code == 0, result.output
     assert "valid: 48 (24 harmful, 24 benign)" in result.output
+    assert "K in the answer (outside the trace): 0" in result.output
     assert "every row is valid" in result.output
 
 
@@ -130,3 +131,11 @@ def test_a_missing_file_is_one_line_not_a_traceback(tmp_path, command):
     assert result.exit_code == 2, result.output
     assert f"error: {tmp_path / 'missing.jsonl'}: no such file" in result.output.replace("\n", "")
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["validate", "stats"])
+def test_data_commands_count_rows_with_k_in_the_answer(command):
+    fixture = ROOT / "tests" / "fixtures" / "empty_trace_rows.json"
+    result = runner.invoke(app, ["data", command, str(fixture)])
+    assert result.exit_code == 0, result.output
+    assert "K in the answer (outside the trace): 4" in result.output

@@ -6,7 +6,7 @@ import json
 from importlib import resources
 
 import pytest
-from conftest import SAMPLE_DATA, make_example
+from conftest import ROOT, SAMPLE_DATA, make_example
 from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -185,7 +185,25 @@ BAD_ROWS = [
         "next_sentence_end_idx",
     ),
     ("empty U", lambda r: dict(r, summary_end_idx=8), "summary_end_idx"),
-    ("K past the trace", lambda r: dict(r, next_sentence_end_idx=len(r["response"]) - 3), "next_sentence_end_idx"),
+    ("K across </think>", lambda r: dict(r, next_sentence_end_idx=len(r["response"]) - 3), "next_sentence_end_idx"),
+    (
+        "K ends inside </think>",
+        lambda r: dict(r, next_sentence_end_idx=r["response"].index("</think>") + 3),
+        "next_sentence_end_idx",
+    ),
+    (
+        "U ends inside </think>",
+        lambda r: dict(
+            r, summary_end_idx=r["response"].index("</think>") + 2, next_sentence_end_idx=len(r["response"]) - 1
+        ),
+        "summary_end_idx",
+    ),
+    ("K blank", lambda r: dict(r, next_sentence_end_idx=r["summary_end_idx"] + 1), "next_sentence_end_idx"),
+    (
+        "second think block",
+        lambda r: dict(r, response=r["response"] + "\n<think>\nMore thoughts.\n</think>\n\nAgain."),
+        "response",
+    ),
     ("no think block", lambda r: dict(r, response=r["response"].replace("<think>\n", "")), "response"),
     ("no source or unsafe", lambda r: {k: v for k, v in r.items() if k != "source"}, "source"),
     ("unsafe not bool", lambda r: dict(r, unsafe="yes"), "unsafe"),
@@ -245,3 +263,30 @@ def test_a_token_straddling_u_and_k_belongs_to_u(tokenizer):
     assert tuple(encoding["offset_mapping"][key_start - 1]) == straddling[0]
     decoded = tokenizer.decode(feature["input_ids"][key_start : key_start + sum(feature["key_mask"])])
     assert decoded == " asks what to do."
+
+
+EMPTY_TRACE_ROWS = ROOT / "tests" / "fixtures" / "empty_trace_rows.json"
+
+
+def test_rows_with_k_in_the_answer_load_like_the_reference(tokenizer):
+    """The reference's rows with an empty trace: U covers `<think>\\n\\n</think>\\n\\n`, K is the answer's first
+    sentence. They validate, count as K-in-the-answer, and featurize with U and K on the right tokens."""
+    examples, report = load_examples(str(EMPTY_TRACE_ROWS))
+    assert report.count == 0 and len(examples) == 6
+    assert [example.key_in_answer for example in examples] == [False, True, True, True, True, False]
+    empty = examples[1]
+    assert empty.response.startswith("<think>\n\n</think>\n\nI can't help write")
+    assert empty.summary_end_idx == len("<think>\n\n</think>\n\n")
+    feature = featurize_example(empty, tokenizer)
+    ids = feature["input_ids"]
+    prompt_len, key_start = feature["understanding_span"]
+    key_end = key_start + sum(feature["key_mask"])
+    # The generation prompt holds `<think>\\n`; U is what is left of the empty block, K the answer's first sentence
+    assert tokenizer.decode(ids[:prompt_len]).endswith("<｜Assistant｜><think>\n")
+    assert tokenizer.decode(ids[prompt_len:key_start]) == "\n</think>\n\n"
+    assert tokenizer.decode(ids[key_start:key_end]) == (
+        "I can't help write a message meant to trick someone into giving away their bank PIN."
+    )
+    assert feature["prefix_end"] == key_start and feature["labels"][:prompt_len] == [-100] * prompt_len
+    dataset, stats = featurize(examples, tokenizer)
+    assert len(dataset) == 6 and all(sum(mask) > 0 for mask in dataset["key_mask"])
