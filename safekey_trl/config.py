@@ -107,6 +107,11 @@ class SafeKeyScriptArguments:
             A second dataset, in the same format, to evaluate on.
         skip_invalid (`bool`, *optional*, defaults to `False`):
             Leave out invalid rows, with a counted report, instead of stopping at the first.
+        chat_format (`str`, *optional*, defaults to `"auto"`):
+            The model family whose format the examples are rendered in (`safekey_trl.chat_formats`): `auto` picks
+            it from the tokenizer's chat template, a family name (`r1_distill`, `qwen3`, `gpt_oss`, `nemotron_3`,
+            `glm4_moe`, `deepseek_v3`, `gemma4`) takes the template to be of that family, and `verbatim` appends the
+            SafeKey response to the rendered prompt as it is.
     """
 
     dataset_name: str = field(
@@ -116,4 +121,13 @@ class SafeKeyScriptArguments:
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Optional evaluation dataset."})
     skip_invalid: bool = field(
         default=False, metadata={"help": "Skip invalid rows with a counted report instead of failing."}
+    )
+    chat_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Model family to render the examples in: auto (from the chat template), a family name, or "
+            "verbatim.",
+            "choices": ["auto", "r1_distill", "deepseek_v3", "qwen3", "gpt_oss", "nemotron_3", "glm4_moe", "gemma4"]
+            + ["verbatim"],
+        },
     )

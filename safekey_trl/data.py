@@ -35,6 +35,8 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .chat_formats import AUTO, ChatFormatError, ResolvedFormat, map_offset, render_turn, resolve_chat_format
+
 logger = logging.getLogger(__name__)
 
 THINK_OPEN = "<think>\n"
@@ -277,26 +279,32 @@ class RenderedExample:
     key_end: int  # end of K
 
 
-def render(example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase) -> RenderedExample:
-    """Render an example with the tokenizer's chat template, keeping the reasoning trace.
+def render(
+    example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase, chat_format: str | ResolvedFormat = AUTO
+) -> RenderedExample:
+    """Render an example in the format of the tokenizer's chat template, and map U and K into the rendering.
 
-    The R1-Distill template deletes everything up to `</think>` from assistant turns, so only the prompt goes through
-    the template (with the generation prompt), and the response is appended verbatim, followed by the EOS token that
-    closes an assistant turn. When the generation prompt already opens the trace (`<｜Assistant｜><think>\\n`), the
-    response's own `<think>\\n` is not repeated.
+    The family comes from `tokenizer.chat_template` (or is named by `chat_format`, see
+    [`~safekey_trl.chat_formats.resolve_chat_format`]); the trace and the answer go where that family's template reads
+    them, and the rendered text is what the template renders for the conversation, its prompt part what it renders
+    at inference. U's and K's ends, character offsets into the SafeKey response, map into the rendered trace or
+    answer by character offsets (a template that strips a trace's or an answer's ends shifts them accordingly).
     """
-    prompt = tokenizer.apply_chat_template(example.prompt_messages, tokenize=False, add_generation_prompt=True)
-    response_start = len(prompt)
+    resolved = chat_format if isinstance(chat_format, ResolvedFormat) else resolve_chat_format(tokenizer, chat_format)
     response = example.response
-    if prompt.endswith(THINK_OPEN):
-        response = response[len(THINK_OPEN) :]
-        response_start -= len(THINK_OPEN)
-    text = prompt + response + (tokenizer.eos_token or "")
+    close = response.index(THINK_CLOSE)
+    trace_bounds = (min(len(THINK_OPEN), close), close)  # `<think>\n</think>\n\n`: an empty trace
+    answer_start = close + len(THINK_CLOSE)
+    trace, answer = response[trace_bounds[0] : close], response[answer_start:]
+    try:
+        turn = render_turn(example.prompt_messages, trace, answer, tokenizer, resolved)
+    except ChatFormatError as error:
+        raise SafeKeyDataError(example.source, example.row, "response", str(error)) from None
     return RenderedExample(
-        text=text,
-        prompt_end=len(prompt),
-        understanding_end=response_start + example.summary_end_idx,
-        key_end=response_start + example.next_sentence_end_idx,
+        text=turn.text,
+        prompt_end=turn.prompt_end,
+        understanding_end=map_offset(example.summary_end_idx, trace_bounds, answer_start, turn),
+        key_end=map_offset(example.next_sentence_end_idx, trace_bounds, answer_start, turn),
     )
 
 
@@ -323,12 +331,14 @@ class TokenizedExample:
     key_end: int
 
 
-def tokenize_example(example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
+def tokenize_example(
+    example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase, chat_format: str | ResolvedFormat = AUTO
+) -> TokenizedExample:
     """Render and tokenize an example, and place its segments by the boundary rule.
 
     Raises [`SafeKeyDataError`] when U or K gets no token of its own under this tokenizer.
     """
-    rendered = render(example, tokenizer)
+    rendered = render(example, tokenizer, chat_format)
     encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     starts = [start for start, _ in encoding["offset_mapping"]]
     prompt_len, key_start, key_end = token_spans(starts, rendered)
@@ -344,7 +354,10 @@ def tokenize_example(example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase
 
 
 def featurize_example(
-    example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+    example: SafeKeyExample,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    chat_format: str | ResolvedFormat = AUTO,
 ) -> dict[str, Any]:
     """Turn one validated example into the trainer's features.
 
@@ -352,8 +365,10 @@ def featurize_example(
     every prompt token, generation prompt included, 1 after), `understanding_span` (`[start, end)` of U's tokens),
     `prefix_end` (the first K token: the head's prefix path pools `[0, prefix_end)`), and `unsafe`. When K does not
     fit in `max_length`, `key_mask` is all zeros and the spans are `[0, 0]`/`0`: the example trains the LM term only.
+    The text is rendered in the format of the tokenizer's chat template family, or of the one `chat_format` names
+    (see [`render`]).
     """
-    tokenized = tokenize_example(example, tokenizer)
+    tokenized = tokenize_example(example, tokenizer, chat_format)
     input_ids, prompt_len = tokenized.input_ids, tokenized.prompt_len
     key_start, key_end = tokenized.key_start, tokenized.key_end
     if max_length is not None:
@@ -382,6 +397,7 @@ def featurize(
     max_length: int | None = None,
     skip_invalid: bool = False,
     report: InvalidRowReport | None = None,
+    chat_format: str = AUTO,
 ) -> tuple[Dataset, FeaturizeStats]:
     """Featurize examples into a `datasets.Dataset` ready for [`SafeKeySFTTrainer`].
 
@@ -391,10 +407,11 @@ def featurize(
     """
     stats = FeaturizeStats()
     features = []
+    resolved = resolve_chat_format(tokenizer, chat_format)  # once: an unknown template fails before any row
     for example in examples:
         stats.rows += 1
         try:
-            feature = featurize_example(example, tokenizer, max_length)
+            feature = featurize_example(example, tokenizer, max_length, resolved)
         except SafeKeyDataError as error:
             if not skip_invalid:
                 raise
@@ -433,6 +450,7 @@ def load_safekey_dataset(
     max_length: int | None = None,
     split: str = "train",
     skip_invalid: bool = False,
+    chat_format: str = AUTO,
 ) -> tuple[Dataset, FeaturizeStats, InvalidRowReport]:
     """Load, validate and featurize a SafeKey dataset in one call."""
     examples, report = load_examples(path_or_name, split=split, skip_invalid=skip_invalid)
@@ -440,5 +458,7 @@ def load_safekey_dataset(
         raise ValueError(
             f"{path_or_name}: no valid rows to train on" + (f"\n{report.summary()}" if report.count else "")
         )
-    dataset, stats = featurize(examples, tokenizer, max_length, skip_invalid=skip_invalid, report=report)
+    dataset, stats = featurize(
+        examples, tokenizer, max_length, skip_invalid=skip_invalid, report=report, chat_format=chat_format
+    )
     return dataset, stats, report

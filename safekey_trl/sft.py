@@ -105,7 +105,12 @@ def train(
 
     def load(name: str, split: str):
         dataset, stats, report = load_safekey_dataset(
-            name, tokenizer, training_args.max_length, split=split, skip_invalid=script_args.skip_invalid
+            name,
+            tokenizer,
+            training_args.max_length,
+            split=split,
+            skip_invalid=script_args.skip_invalid,
+            chat_format=script_args.chat_format,
         )
         logger.info(
             "%s: %d examples (%d with K cut by max_length, %d dropped, %d invalid skipped)",

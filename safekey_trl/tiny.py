@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -46,6 +47,49 @@ THINK_TOKENS = ["<think>", "</think>"]
 CHAT_TEMPLATE_FILE = "deepseek_r1_distill_chat_template.jinja"
 
 
+@dataclass(frozen=True)
+class FamilyTokens:
+    """A model family's special tokens, as its tokenizer holds them: `bos`/`eos`/`pad` and the other special tokens
+    its chat template emits, and `added` tokens that are not special (they survive `skip_special_tokens`)."""
+
+    bos: str | None
+    eos: str
+    pad: str
+    special: tuple[str, ...]
+    added: tuple[str, ...] = ()
+
+
+_TOOL_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+FAMILY_TOKENS: dict[str, FamilyTokens] = {
+    "r1_distill": FamilyTokens(BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, tuple(SPECIAL_TOKENS[3:]), tuple(THINK_TOKENS)),
+    "qwen3": FamilyTokens(
+        None, "<|im_end|>", "<|endoftext|>", ("<|im_start|>",), ("<think>", "</think>", *_TOOL_TAGS)
+    ),
+    "gpt_oss": FamilyTokens(
+        "<|startoftext|>",
+        "<|return|>",
+        "<|endoftext|>",
+        ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|constrain|>"),
+    ),
+    "nemotron_3": FamilyTokens("<s>", "<|im_end|>", "</s>", ("<|im_start|>",), ("<think>", "</think>", *_TOOL_TAGS)),
+    "glm4_moe": FamilyTokens(
+        None,
+        "<|endoftext|>",
+        "<|endoftext|>",
+        ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+        ("<think>", "</think>", *_TOOL_TAGS, "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
+    ),
+    "gemma4": FamilyTokens(
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        ("<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>"),
+        ("<|tool_response>", "<tool_response|>", "<|tool>", "<tool|>", '<|"|>'),
+    ),
+}
+FAMILY_TOKENS["deepseek_v3"] = FAMILY_TOKENS["r1_distill"]
+
+
 def r1_distill_chat_template() -> str:
     """The DeepSeek-R1-Distill chat template, as the models ship it in `tokenizer_config.json`."""
     return resources.files("safekey_trl").joinpath("templates", CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
@@ -72,34 +116,49 @@ def _training_corpus() -> list[str]:
     return corpus
 
 
-def build_tiny_tokenizer(chat_template: str | None = None, vocab_size: int = 1024) -> PreTrainedTokenizerBase:
-    """Train a byte-level BPE tokenizer in memory, with the R1-Distill special tokens and chat template.
+def build_tiny_tokenizer(
+    chat_template: str | None = None, vocab_size: int = 1024, family: str = "r1_distill"
+) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer in memory, with a model family's special tokens and a chat template.
 
     Args:
-        chat_template: Jinja chat template; defaults to the R1-Distill one shipped with the package.
+        chat_template: Jinja chat template; defaults to the R1-Distill one shipped with the package for the
+            `r1_distill` family, and to the family's canonical TRL template for the others.
         vocab_size: Target vocabulary size of the BPE model (special tokens included).
+        family: Whose special tokens the tokenizer carries (a key of [`FAMILY_TOKENS`]).
     """
     from transformers import PreTrainedTokenizerFast
 
+    if family not in FAMILY_TOKENS:
+        raise ValueError(f"Unknown model family {family!r}; choose one of {sorted(FAMILY_TOKENS)}.")
+    tokens = FAMILY_TOKENS[family]
+    named = [token for token in (tokens.bos, tokens.eos, tokens.pad) if token is not None]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(dict.fromkeys([*named, *tokens.special])),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(_training_corpus(), trainer=trainer)
-    backend.add_tokens(THINK_TOKENS)
+    backend.add_tokens(list(tokens.added))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
+        bos_token=tokens.bos,
+        eos_token=tokens.eos,
+        pad_token=tokens.pad,
         model_max_length=16384,
     )
-    tokenizer.chat_template = chat_template if chat_template is not None else r1_distill_chat_template()
+    if chat_template is None:
+        if family == "r1_distill":
+            chat_template = r1_distill_chat_template()
+        else:
+            from .chat_formats import family_template
+
+            chat_template = family_template(family)
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 

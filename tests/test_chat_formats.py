@@ -1,0 +1,272 @@
+"""Each reasoning family's rendering: TRL's real templates, a tokenizer with the family's special tokens, hand-written
+expected turns, the inference prompt byte for byte, the boundary rule, and the errors."""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime
+
+import pytest
+from conftest import make_example
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from safekey_trl.chat_formats import (
+    CHAT_FORMATS,
+    TEMPLATE_DATE,
+    ChatFormatError,
+    resolve_chat_format,
+    trl_chat_templates,
+)
+from safekey_trl.data import SafeKeyDataError, SafeKeyExample, featurize_example, render
+from safekey_trl.tiny import build_tiny_tokenizer
+
+# Every TRL template of a family, with the family: the recognised set
+TEMPLATES = {stem: format.name for format in CHAT_FORMATS.values() for stem in format.templates}
+BASE_TEMPLATES = sorted(stem for stem in TEMPLATES if not stem.endswith("_training"))
+# One template per distinct layout, for the slower property test
+LAYOUTS = [
+    "deepseek_r1_distill",
+    "deepseekv3",
+    "qwen3",
+    "qwen3_8",
+    "gptoss",
+    "glm4moe",
+    "nemotron_3_nano",
+    "nemotron_3_ultra",
+    "gemma4",
+    "gemma4_v5",
+]
+
+# The assistant turn each template must end the example with, written out by hand from the models' formats
+R1_TURN = "<think>\n{trace}\n</think>\n\n{answer}<｜end▁of▁sentence｜>"
+QWEN3_TURN = "<|im_start|>assistant\n<think>\n{trace}\n</think>\n\n{answer}<|im_end|>\n"
+GPT_OSS_TURN = (
+    "<|start|>assistant<|channel|>analysis<|message|>{trace}<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>{answer}<|return|>"
+)
+NEMOTRON_TURN = "<|im_start|>assistant\n<think>\n{trace}\n</think>\n{answer}<|im_end|>\n"
+NEMOTRON_TIGHT_TURN = "<|im_start|>assistant\n<think>\n{trace}</think>{answer}<|im_end|>\n"
+GLM_TURN = "<|assistant|>\n<think>{trace}</think>\n{answer}<|user|>"
+GEMMA4_TURN = "<|turn>model\n<|channel>thought\n{trace}\n<channel|>{answer}<turn|>\n"
+EXPECTED_TURN = {
+    "r1_distill": R1_TURN,
+    "deepseek_v3": R1_TURN,
+    "qwen3": QWEN3_TURN,
+    "gpt_oss": GPT_OSS_TURN,
+    "glm4_moe": GLM_TURN,
+    "gemma4": GEMMA4_TURN,
+}
+
+
+def expected_turn(stem: str) -> str:
+    if stem.startswith(("nemotron_3_ultra", "nemotron_3_5")):
+        return NEMOTRON_TIGHT_TURN
+    if stem.startswith("nemotron_3"):
+        return NEMOTRON_TURN
+    return EXPECTED_TURN[TEMPLATES[stem]]
+
+
+@functools.cache
+def family_tokenizer(stem: str):
+    return build_tiny_tokenizer(trl_chat_templates()[stem], family=TEMPLATES[stem])
+
+
+UNDERSTANDING = "Okay, so the user is asking how to make a dangerous thing at home."
+KEY = " But wait, this could be used to hurt someone."
+REST = " I should refuse."
+ANSWER = "I can't help with that."
+TRACE = UNDERSTANDING + KEY + REST
+
+
+def inference_prompt(tokenizer, messages) -> str:
+    """The prompt as the template renders it at inference, thinking on, today's date read back as the pinned one."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    return prompt.replace(datetime.now().strftime("%Y-%m-%d"), TEMPLATE_DATE.strftime("%Y-%m-%d"))
+
+
+@pytest.mark.parametrize("stem", sorted(TEMPLATES))
+def test_every_template_renders_the_family_turn_after_the_inference_prompt(stem):
+    tokenizer = family_tokenizer(stem)
+    example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
+    rendered = render(example, tokenizer)
+    prompt = inference_prompt(tokenizer, example.prompt_messages)
+    # The prompt part is the inference rendering, byte for byte
+    assert rendered.text[: rendered.prompt_end] == prompt
+    # The whole example is the prompt then the family's turn (less what the generation prompt already opened)
+    turn = expected_turn(stem).replace("{trace}", TRACE).replace("{answer}", ANSWER)
+    overlap = next(k for k in range(len(turn), -1, -1) if prompt.endswith(turn[:k]))
+    assert rendered.text == prompt + turn[overlap:]
+    # U and K map onto their own text
+    u_start = rendered.text.index(UNDERSTANDING, rendered.prompt_end)
+    assert rendered.understanding_end == u_start + len(UNDERSTANDING)
+    assert rendered.text[rendered.understanding_end : rendered.key_end] == KEY
+
+
+@pytest.mark.parametrize("stem", [stem for stem in sorted(TEMPLATES) if TEMPLATES[stem] != "deepseek_v3"])
+def test_the_example_is_the_templates_own_rendering_of_the_conversation(stem):
+    """Where a template renders a final turn's reasoning (TRL's training variant, or gemma4_v5 itself), the example
+    is exactly its rendering of the conversation with the reasoning where it reads it."""
+    mode = CHAT_FORMATS[TEMPLATES[stem]].templates[stem]
+    if mode == "append":
+        pytest.skip("the template drops a final turn's reasoning: the turn is appended (checked above)")
+    tokenizer = family_tokenizer(stem)
+    example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
+    template = trl_chat_templates()[stem if mode == "self" else f"{stem}_training"]
+    field = CHAT_FORMATS[TEMPLATES[stem]].reasoning_field
+    message = (
+        {"role": "assistant", "content": ANSWER, field: TRACE}
+        if field
+        else {
+            "role": "assistant",
+            "content": example.response,
+        }
+    )
+    conversation = tokenizer.apply_chat_template(
+        [*example.prompt_messages, message], chat_template=template, tokenize=False, enable_thinking=True
+    )
+    conversation = conversation.replace(datetime.now().strftime("%Y-%m-%d"), TEMPLATE_DATE.strftime("%Y-%m-%d"))
+    assert render(example, tokenizer).text == conversation
+
+
+def test_r1_rendering_is_unchanged(tokenizer, examples):
+    """R1-Distill: the prompt with its generation prompt, the response less the `<think>\\n` it opens, then EOS."""
+    for example in examples:
+        prompt = tokenizer.apply_chat_template(example.prompt_messages, tokenize=False, add_generation_prompt=True)
+        assert render(example, tokenizer).text == prompt + example.response[len("<think>\n") :] + tokenizer.eos_token
+        assert featurize_example(example, tokenizer) == featurize_example(example, tokenizer, chat_format="verbatim")
+
+
+SENTENCE_ALPHABET = st.sampled_from(list("abcdefghij klmnop,;:'-0123456789éü—") + ["the ", "ing ", "  ", "\n"])
+sentence = st.lists(SENTENCE_ALPHABET, min_size=1, max_size=20).map("".join)
+terminal = st.sampled_from([".", "?", "!", '."'])
+separator = st.sampled_from([" ", "\n\n", "\n", ""])
+
+
+@pytest.mark.parametrize("stem", LAYOUTS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    understanding=st.lists(st.tuples(sentence, terminal), min_size=1, max_size=2),
+    key=st.tuples(separator, sentence, terminal),
+    rest=st.lists(st.tuples(separator, sentence, terminal), max_size=2),
+)
+def test_key_tokens_decode_to_k_in_every_family(stem, understanding, key, rest):
+    tokenizer = family_tokenizer(stem)
+    u_text = "Okay, so " + "".join(s + t for s, t in understanding)
+    k_text = "".join(key)
+    if not k_text.strip():
+        return
+    example = make_example(understanding=u_text, key=k_text, rest="".join("".join(part) for part in rest))
+    rendered = render(example, tokenizer)
+    assert rendered.text[rendered.understanding_end : rendered.key_end] == k_text
+    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoding["offset_mapping"]
+    try:
+        feature = featurize_example(example, tokenizer)
+    except SafeKeyDataError as error:
+        assert error.field_name == "next_sentence_end_idx"
+        assert not any(rendered.understanding_end <= start < rendered.key_end for start, _ in offsets)
+        return
+    key_start = feature["prefix_end"]
+    key_end = key_start + sum(feature["key_mask"])
+    a, b = rendered.understanding_end, rendered.key_end
+    for index, (start, _) in enumerate(offsets):
+        assert (a <= start < b) == (key_start <= index < key_end)
+    first, last = offsets[key_start], offsets[key_end - 1]
+    assert tokenizer.decode(feature["input_ids"][key_start:key_end]) == rendered.text[first[0] : last[1]]
+    assert rendered.text[a:b].endswith(rendered.text[first[0] : b]) and last[1] >= b
+    # The query mask hides every prompt token: the family's preamble and generation prompt included
+    prompt_tokens = sum(1 for start, _ in offsets if start < rendered.prompt_end)
+    assert feature["query_mask"] == [0] * prompt_tokens + [1] * (len(offsets) - prompt_tokens)
+
+
+@pytest.mark.parametrize("stem", LAYOUTS)
+def test_key_in_the_answer_and_an_empty_trace(stem):
+    tokenizer = family_tokenizer(stem)
+    answer = "I understand the request. But I cannot help with that. Here is why."
+    response = "<think>\n\n</think>\n\n" + answer
+    u_end = response.index(" But")
+    k_end = response.index(" Here")
+    example = SafeKeyExample([{"role": "user", "content": "How do I X?"}], response, u_end, k_end, True)
+    rendered = render(example, tokenizer)
+    assert rendered.text[rendered.understanding_end : rendered.key_end] == " But I cannot help with that."
+    assert rendered.text[rendered.prompt_end : rendered.understanding_end].endswith("I understand the request.")
+    feature = featurize_example(example, tokenizer)
+    key_start = feature["prefix_end"]
+    decoded = tokenizer.decode(feature["input_ids"][key_start : key_start + sum(feature["key_mask"])])
+    assert decoded == " But I cannot help with that."
+
+
+def test_a_template_that_strips_the_trace_keeps_k_on_its_text():
+    """GLM-4 MoE strips the trace's and the answer's ends; offsets shift with what it strips."""
+    tokenizer = family_tokenizer("glm4moe")
+    example = make_example(understanding="  \n" + UNDERSTANDING, key=KEY, rest=REST + "\n ", answer="\n" + ANSWER)
+    rendered = render(example, tokenizer)
+    assert rendered.text.endswith(f"<think>{TRACE}</think>\n{ANSWER}<|user|>")
+    assert rendered.text[rendered.understanding_end : rendered.key_end] == KEY
+    assert rendered.text[: rendered.understanding_end].endswith("<think>" + UNDERSTANDING)
+
+
+def test_gpt_oss_features_do_not_depend_on_the_day(monkeypatch):
+    import transformers.utils.chat_template_utils as chat_template_utils
+
+    tokenizer = family_tokenizer("gptoss")
+    example = make_example()
+    features, prompts = [], []
+    for day in (datetime(2024, 1, 2), datetime(2031, 12, 30)):
+
+        class Today(datetime):
+            @classmethod
+            def now(cls, tz=None, day=day):
+                return day
+
+        monkeypatch.setattr(chat_template_utils, "datetime", Today)
+        prompts.append(tokenizer.apply_chat_template(example.prompt_messages, tokenize=False))
+        features.append(featurize_example(example, tokenizer))
+    assert prompts[0] != prompts[1]  # the template does read today's date
+    assert features[0] == features[1]
+    assert f"Current date: {TEMPLATE_DATE:%Y-%m-%d}" in tokenizer.decode(features[0]["input_ids"])
+
+
+def test_an_unknown_template_is_an_error_naming_it_unless_named_or_verbatim(examples):
+    custom = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|bot|>{% endif %}"
+    )
+    tokenizer = build_tiny_tokenizer(custom)
+    with pytest.raises(ChatFormatError, match=r"not one SafeKey recognises .*starting '\{% for m in messages"):
+        featurize_example(examples[0], tokenizer)
+    with pytest.raises(ChatFormatError, match="Unknown chat_format 'qwen4'"):
+        resolve_chat_format(tokenizer, "qwen4")
+    rendered = render(examples[0], tokenizer, "verbatim")
+    assert rendered.text == f"<|user|>{examples[0].prompt_messages[0]['content']}<|bot|>{examples[0].response}" + (
+        tokenizer.eos_token
+    )
+
+
+def test_a_named_family_renders_a_modified_template_of_it():
+    template = trl_chat_templates()["qwen3"] + "{#- a local edit #}"
+    tokenizer = build_tiny_tokenizer(template, family="qwen3")
+    example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
+    with pytest.raises(ChatFormatError, match="not one SafeKey recognises"):
+        render(example, tokenizer)
+    assert render(example, tokenizer, "qwen3").text == render(example, family_tokenizer("qwen3")).text
+
+
+def test_a_template_whose_conversation_does_not_extend_its_prompt_is_an_error():
+    # Named as Qwen3, but its generation prompt opens a turn the conversation's rendering does not have
+    template = trl_chat_templates()["qwen3"].replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>model\\n' }}", 1)
+    assert template != trl_chat_templates()["qwen3"]
+    tokenizer = build_tiny_tokenizer(template, family="qwen3")
+    with pytest.raises(SafeKeyDataError, match="does not start with the prompt the template renders at inference"):
+        render(make_example(), tokenizer, "qwen3")
+
+
+def test_the_config_offers_every_format():
+    from dataclasses import fields
+
+    from safekey_trl.chat_formats import FORMAT_NAMES
+    from safekey_trl.config import SafeKeyScriptArguments
+
+    (chat_format,) = [f for f in fields(SafeKeyScriptArguments) if f.name == "chat_format"]
+    assert tuple(chat_format.metadata["choices"]) == FORMAT_NAMES
