@@ -44,20 +44,17 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
 from .data import THINK_CLOSE, THINK_OPEN, SafeKeyDataError, read_rows
+from .llm_client import ChatClient, LLMRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +365,7 @@ def key_sentence_of(response: str, next_sentence_end_idx: int) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The LLM method: an OpenAI-compatible chat-completions client with retries, a timeout and a resumable cache
+# The LLM method: the shared OpenAI-compatible client (llm_client.py) and a resumable cache
 
 PROMPT_VERSION = "safekey-key-sentence-v1"  # part of the cache key: a new prompt must not reuse old answers
 _SYSTEM_PROMPT = (
@@ -396,6 +393,21 @@ class LLMSettings:
     concurrency: int = 8
     max_sentences: int = 30  # K is near the start: later sentences are not sent (fewer tokens, same answer)
     max_sentence_chars: int = 500
+    _client: ChatClient | None = field(default=None, init=False, repr=False, compare=False)
+
+    def client(self) -> ChatClient:
+        """The shared client for these settings (made on first use; thread-safe to share)."""
+        if self._client is None:
+            self._client = ChatClient(
+                self.base_url,
+                self.model,
+                self.api_key,
+                timeout=self.timeout,
+                max_retries=self.max_retries,
+                backoff=self.backoff,
+                max_backoff=self.max_backoff,
+            )
+        return self._client
 
 
 def resolve_llm_settings(
@@ -416,12 +428,8 @@ def resolve_llm_settings(
     return LLMSettings(base_url=base_url.rstrip("/"), model=model, api_key=api_key, **options)
 
 
-class LLMReplyError(RuntimeError):
-    """A failed request or an unusable reply. `retryable` is False when asking again cannot help (e.g. HTTP 401)."""
-
-    def __init__(self, message: str, retryable: bool = True):
-        super().__init__(message)
-        self.retryable = retryable
+# A failed request or an unusable reply (`retryable` is False when asking again cannot help, e.g. HTTP 401)
+LLMReplyError = LLMRequestError
 
 
 def build_messages(question: str, sentences: list[str]) -> list[dict[str, str]]:
@@ -450,36 +458,6 @@ def parse_key_sentence(content: str, sentence_count: int) -> int:
     return number
 
 
-def _chat_completion(settings: LLMSettings, messages: list[dict[str, str]]) -> str:
-    """One POST to `{base_url}/chat/completions`; the first choice's message content."""
-    body = json.dumps({"model": settings.model, "messages": messages, "temperature": 0}).encode("utf-8")
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if settings.api_key:
-        headers["Authorization"] = f"Bearer {settings.api_key}"
-    request = urllib.request.Request(f"{settings.base_url}/chat/completions", data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=settings.timeout) as reply:
-            raw = reply.read()
-    except urllib.error.HTTPError as error:
-        # 429 and 5xx are transient; any other 4xx (bad key, unknown model) fails the same way every time
-        retryable = error.code == 429 or error.code >= 500
-        raise LLMReplyError(f"HTTP {error.code} {error.reason}", retryable=retryable) from None
-    except (urllib.error.URLError, TimeoutError, OSError, HTTPException) as error:
-        reason = getattr(error, "reason", error)
-        raise LLMReplyError(f"request failed: {reason}") from None
-    try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LLMReplyError(f"the reply is not JSON: {raw[:80]!r}") from None
-    try:
-        content = payload["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        raise LLMReplyError("the reply has no choices[0].message.content") from None
-    if not isinstance(content, str):
-        raise LLMReplyError("choices[0].message.content is not a string")
-    return content
-
-
 def ask_key_sentence(
     settings: LLMSettings, question: str, sentences: list[str], sleep: Callable[[float], None] = time.sleep
 ) -> tuple[int, int]:
@@ -488,21 +466,10 @@ def ask_key_sentence(
     Raises `LLMReplyError` with the last error when every attempt failed.
     """
     shown = [" ".join(text.split())[: settings.max_sentence_chars] for text in sentences[: settings.max_sentences]]
-    messages = build_messages(question, shown)
-    error: LLMReplyError | None = None
-    for attempt in range(settings.max_retries + 1):
-        if attempt:
-            delay = min(settings.max_backoff, settings.backoff * 2 ** (attempt - 1))
-            sleep(delay * (0.5 + random.random() / 2))  # jitter, so parallel workers do not retry in lock-step
-        try:
-            return parse_key_sentence(_chat_completion(settings, messages), len(shown)), attempt + 1
-        except LLMReplyError as failure:
-            error = failure
-            logger.debug("attempt %d failed: %s", attempt + 1, failure)
-            if not failure.retryable:
-                break
-    assert error is not None
-    raise LLMReplyError(f"{error} (after {attempt + 1} attempt(s))", retryable=error.retryable)
+    number, _, attempts = settings.client().ask(
+        build_messages(question, shown), lambda content: parse_key_sentence(content, len(shown)), sleep=sleep
+    )
+    return number, attempts
 
 
 def cache_key(model: str, trace: str, question: str = "") -> str:
