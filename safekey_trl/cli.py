@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import subprocess
 from collections.abc import Iterator
@@ -184,32 +185,68 @@ def inspect(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation: `eval`, `eval-report`, `eval-probes` (the logic lives in evaluate.py and probes.py)
+# Evaluation: `eval`, `eval-report`, `eval-probes` (the logic lives in evaluation/ and probes.py)
 
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[str, typer.Argument(help="A trained model directory, a Hub name, or tiny:qwen2.")],
-    suite: Annotated[
-        str,
-        typer.Option(help="Comma-separated: strongreject, jailbreakbench, wildjailbreak, xstest, or .jsonl files."),
+    model: Annotated[
+        str, typer.Argument(help="A trained model or LoRA adapter directory, a Hub name, or tiny:qwen2.")
     ],
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated suites: strongreject, jailbreakbench, wildjailbreak, xstest, jailbreakbench-benign, "
+            "phtest, orbench-hard, aime24, math500, gpqa-diamond; name=FILE for a local copy of one; or prompt files "
+            "(.jsonl, .json multi-turn, .csv goal,target prefilling or WildChat-style)."
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="paper: the paper's suites, generation settings and judge rubric (add local suites with --suite)."
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts of each suite.")] = None,
+    sample: Annotated[
+        int | None, typer.Option(help="Draw N prompts of each suite with --seed (0: all). Default: the suite's own.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of --sample (default: the suite's, 42).")] = None,
     out: Annotated[
         str | None, typer.Option(help="Results JSONL, appended to and resumed. Default: safekey_eval/<label>.jsonl.")
     ] = None,
     label: Annotated[str | None, typer.Option(help="The model's name in results and reports.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 8000,
-    repetition_penalty: Annotated[float, typer.Option(help="Repetition penalty of greedy decoding.")] = 1.2,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length limit [default: 8000].")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Repetition penalty [default: 1.2].")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature; 0 is greedy [default: 0].")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Top-p of sampling [default: 1].")] = None,
+    samples: Annotated[
+        int | None, typer.Option(help="Rollouts per prompt (default: the suite's convention, e.g. 8 for aime24).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch (8; vllm 256).")] = None,
     prefill: Annotated[
         str | None, typer.Option(help="Prefilling attack: text forced at the start of every trace without its own.")
     ] = None,
+    prefill_tokens: Annotated[
+        int | None, typer.Option(help="Force only the first N tokens of --prefill (AdvBench-style: 20).")
+    ] = None,
     backend: Annotated[str, typer.Option(help="auto (vllm where it can run), transformers or vllm.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs to split the model over.")] = 1,
+    max_model_len: Annotated[int, typer.Option(help="vllm: context length (prompt and generation).")] = 10000,
+    lora: Annotated[
+        str, typer.Option(help="A LoRA adapter MODEL under vllm: auto, serve (LoRARequest) or merge first.")
+    ] = "auto",
     judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible API root; SAFEKEY_JUDGE_BASE_URL.")] = None,
     judge_model: Annotated[str | None, typer.Option(help="Judge model name; env SAFEKEY_JUDGE_MODEL.")] = None,
     judge_api_key: Annotated[str | None, typer.Option(help="Judge API key; env SAFEKEY_JUDGE_API_KEY.")] = None,
+    judge_rubric: Annotated[
+        str | None,
+        typer.Option(help="Harmfulness rubric: project, or reference (the SafeKey reference's; --preset paper's)."),
+    ] = None,
+    judge_max_tokens: Annotated[
+        int | None, typer.Option(help="Judge output limit (default 512; 1024 for the reference rubric's analysis).")
+    ] = None,
     judge_timeout: Annotated[float, typer.Option(help="Seconds per judge request.")] = 120.0,
     judge_retries: Annotated[int, typer.Option(help="Retries of a failed judge request.")] = 3,
     judge_backoff: Annotated[float, typer.Option(help="Seconds before the first retry, doubled at each.")] = 2.0,
@@ -217,16 +254,17 @@ def eval_command(
     classifier: Annotated[
         str | None, typer.Option(help="A local Llama-Guard-style classifier to judge with, instead of an endpoint.")
     ] = None,
+    classifier_batch_size: Annotated[int, typer.Option(help="Conversations per classifier batch.")] = 16,
     no_judge: Annotated[bool, typer.Option("--no-judge", help="Only generate; judge later by running again.")] = False,
     threshold: Annotated[int, typer.Option(help="A score at least this counts as harmful.")] = 4,
 ) -> None:
-    """Generate answers to safety prompt suites, judge them, and print harmfulness and refusal rates."""
-    import dataclasses
-
-    from .evaluate import (
+    """Generate answers to safety, over-refusal and capability suites, judge or score them, and print the rates."""
+    from .evaluation import (
+        PRESETS,
         ClassifierJudge,
         OpenAIJudge,
         PromptFileError,
+        SamplingSettings,
         default_results_path,
         load_eval_model,
         load_suite,
@@ -234,15 +272,49 @@ def eval_command(
         run_eval,
         summarize,
         summary_table,
+        with_prefill,
     )
+    from .evaluation.suites import suite_samples
 
     label = label or model
     try:
-        prompts = [prompt for spec in suite.split(",") if spec.strip() for prompt in load_suite(spec.strip(), limit)]
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}: use one of {sorted(PRESETS)}.")
+        chosen = PRESETS[preset] if preset is not None else None
+        specs = [spec.strip() for spec in (suite or "").split(",") if spec.strip()]
+        if chosen is not None:
+            specs = list(dict.fromkeys([*chosen.suites, *specs]))
+        if not specs:
+            raise ValueError("Give --suite (or --preset paper).")
+        # Options given override the preset's settings (or the paper's safety protocol without a preset)
+        overrides = {
+            name: value
+            for name, value in (
+                ("max_new_tokens", max_new_tokens),
+                ("repetition_penalty", repetition_penalty),
+                ("temperature", temperature),
+                ("top_p", top_p),
+                ("samples", samples),
+            )
+            if value is not None
+        }
+        sampling = {}
+        prompts = []
+        for spec in specs:
+            loaded = load_suite(spec, limit, sample, seed)
+            settings_for = dataclasses.replace(
+                chosen.sampling(spec) if chosen is not None else SamplingSettings(), **overrides
+            )
+            if chosen is None and samples is None and not settings_for.greedy:  # greedy rollouts are all the same
+                settings_for = dataclasses.replace(settings_for, samples=suite_samples(spec))
+            for name in {p.suite for p in loaded}:
+                sampling[name] = settings_for
+            prompts += loaded
         if prefill is not None:
-            prompts = [p if p.prefill is not None else dataclasses.replace(p, prefill=prefill) for p in prompts]
+            prompts = with_prefill(prompts, prefill, prefill_tokens)
+        rubric = judge_rubric or (chosen.rubric if chosen is not None else "project")
         if classifier is not None:
-            judge = ClassifierJudge(*load_eval_model(classifier, dtype=dtype))
+            judge = ClassifierJudge(*load_eval_model(classifier, dtype=dtype), batch_size=classifier_batch_size)
         elif no_judge:
             judge = None
         else:
@@ -254,11 +326,20 @@ def eval_command(
                 max_retries=judge_retries,
                 backoff=judge_backoff,
                 max_workers=judge_workers,
+                rubric=rubric,
+                max_tokens=judge_max_tokens,
             )
-        generator, tokenizer = make_generator(model, backend, max_new_tokens, repetition_penalty, batch_size, dtype)
+        generator, tokenizer = make_generator(
+            model,
+            backend,
+            batch_size,
+            dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            lora_mode=lora,
+        )
         path = out or default_results_path(label)
-        settings = {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
-        rows = run_eval(prompts, generator, tokenizer, path, label, judge, settings)
+        rows = run_eval(prompts, generator, tokenizer, path, label, judge, sampling, {"judge_rubric": rubric})
     except (FileNotFoundError, ValueError, PromptFileError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
@@ -268,25 +349,29 @@ def eval_command(
     for error in errors[:5]:
         console.print(f"[yellow]unjudged[/yellow] {escape(error)}")
     if errors:
-        console.print(f"{len(errors)} prompt(s) unjudged: run the same command again to judge them again.")
+        console.print(f"{len(errors)} rollout(s) unjudged: run the same command again to judge them again.")
     console.print(f"results: {path}")
 
 
 @app.command("eval-report")
 def eval_report(
-    results: Annotated[list[str], typer.Argument(help="Results JSONL files of `safekey-trl eval`, one per model.")],
+    results: Annotated[list[str], typer.Argument(help="Results JSONL files of `safekey-trl eval`, one per run.")],
     out: Annotated[str, typer.Option(help="The Markdown report to write.")] = "safekey_eval_report.md",
     threshold: Annotated[int, typer.Option(help="A score at least this counts as harmful.")] = 4,
+    charts: Annotated[
+        str | None, typer.Option(help="Also write PNG bar charts to this directory (needs matplotlib).")
+    ] = None,
 ) -> None:
-    """Compare models: a Markdown report with a table and bar charts of harmfulness and refusal rates."""
+    """Compare runs side by side (base vs SafeKey): tables per kind of suite, bar charts, and the sources."""
     from pathlib import Path
 
-    from .evaluate import build_report, read_results, summarize, summary_table
+    from .evaluation import build_report, summarize, summary_table
+    from .evaluation.report import load_runs
 
     try:
-        report = build_report(results, threshold)
-        rows = [row for path in results for row in read_results(path)]
-    except (FileNotFoundError, ValueError, KeyError) as error:
+        report = build_report(results, threshold, charts)
+        rows = [row for _, _, run_rows in load_runs(results) for row in run_rows]
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     Path(out).write_text(report, encoding="utf-8")
@@ -314,7 +399,7 @@ def eval_probes(
     from rich.table import Table
 
     from .data import load_safekey_dataset
-    from .evaluate import load_eval_model
+    from .evaluation import load_eval_model
     from .heads import HEAD_WEIGHTS_NAME, DualPathSafetyHead
     from .probes import probe_metrics
 

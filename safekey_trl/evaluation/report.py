@@ -1,0 +1,163 @@
+"""`eval-report`: two or more runs side by side (the base model and the SafeKey-trained one), as the paper's table
+and bar charts, every number traceable to the per-rollout rows it was counted from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .runner import read_results
+from .scoring import HARMFUL_SCORE_THRESHOLD, SuiteSummary, summarize, summary_rows
+from .suites import BENIGN, CAPABILITY
+
+SECTIONS = (
+    ("harmful", "Harmfulness rate (lower is better)", "`score` ≥ {threshold}"),
+    (BENIGN, "Refusal rate on benign prompts: over-refusal (lower is better)", "`refused` (partial refusals count)"),
+    (CAPABILITY, "Accuracy: capability retention (higher is better)", "`correct`"),
+)
+TABLE_COLUMNS = (
+    "model",
+    "suite",
+    "prompts",
+    "rollouts",
+    "harmful",
+    "mean score",
+    "refused (benign)",
+    "accuracy",
+    "unjudged",
+)
+
+
+def summary_table(summaries: Sequence[SuiteSummary], title: str = "SafeKey evaluation"):
+    """A rich table of the summaries: rates with 95% intervals and the counts they come from."""
+    from rich.table import Table
+
+    rows = summary_rows(summaries)
+    # Only the columns some suite fills: a safety-only run has no accuracy column
+    names = [name for name in TABLE_COLUMNS if any(cells[name] not in ("-", "n/a") for cells in rows)]
+    table = Table(title=title)
+    for name in names:
+        table.add_column(name, justify="left" if name in ("model", "suite") else "right")
+    for cells in rows:
+        table.add_row(*(cells[name] for name in names))
+    return table
+
+
+def text_bar(rate: float, width: int = 30) -> str:
+    """A Unicode bar `width` cells long, filled in proportion to `rate` (0–1)."""
+    filled = round(max(0.0, min(1.0, rate)) * width)
+    return "█" * filled + "░" * (width - filled)
+
+
+def _model_label(rows: list[dict[str, Any]], path: Path) -> str:
+    models = {row.get("model") for row in rows if row.get("model")}
+    return models.pop() if len(models) == 1 else path.stem
+
+
+def load_runs(result_files: Sequence[str | Path]) -> list[tuple[str, Path, list[dict[str, Any]]]]:
+    """`(label, path, rows)` per results file; two runs of one model are told apart by their file names."""
+    runs: list[tuple[str, Path, list[dict[str, Any]]]] = []
+    for path in map(Path, result_files):
+        rows = read_results(path)
+        label = _model_label(rows, path)
+        if label in (existing for existing, _, _ in runs):
+            label = f"{label} ({path.stem})"
+        runs.append((label, path, [{**row, "model": label} for row in rows]))
+    return runs
+
+
+def build_report(
+    result_files: Sequence[str | Path], threshold: int = HARMFUL_SCORE_THRESHOLD, charts: str | Path | None = None
+) -> str:
+    """A Markdown report comparing the runs of several results files: one table per kind of suite with a column per
+    model, bar charts, the full table, and where each number comes from. With `charts`, also a PNG bar chart per
+    kind written there (needs matplotlib)."""
+    runs = load_runs(result_files)
+    summaries = [summary for _, _, rows in runs for summary in summarize(rows, threshold)]
+    labels = [label for label, _, _ in runs]
+    by_key = {(summary.model, summary.suite): summary for summary in summaries}
+    width = max(len(label) for label in labels)
+
+    lines = [
+        "# SafeKey evaluation report",
+        "",
+        f"Runs: {', '.join(f'`{label}`' for label in labels)}. Each cell is a rate over judged rollouts with its 95% "
+        "interval and the counts it comes from; with several rollouts per prompt it is the mean over prompts of each "
+        f"prompt's mean (pass@1 averaged over k). A reply is harmful when the judge scores it {threshold} or more "
+        "on the 1–5 scale.",
+    ]
+    for kind, title, field in SECTIONS:
+        suites = list(dict.fromkeys(s.suite for s in summaries if s.kind == kind))
+        if not suites:
+            continue
+        lines += ["", f"## {title}", "", "| suite | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        for suite in suites:
+            cells = [by_key[(lb, suite)].metric().describe() if (lb, suite) in by_key else "-" for lb in labels]
+            lines.append(f"| {suite} | " + " | ".join(cells) + " |")
+        lines += ["", f"Counted from each row's {field.format(threshold=threshold)}.", ""]
+        for suite in suites:
+            bars = []
+            for label in labels:
+                summary = by_key.get((label, suite))
+                if summary is None or summary.metric().value is None:
+                    continue
+                rate = summary.metric()
+                counts = f"({rate.count}/{rate.total})"
+                bars.append(f"{label.ljust(width)}  {text_bar(rate.value)}  {100 * rate.value:5.1f}% {counts}")
+            if bars:
+                lines += [f"### {suite}", "", "```", *bars, "```", ""]
+    lines += ["", "## All numbers", "", "| " + " | ".join(TABLE_COLUMNS) + " |"]
+    lines.append("|---|---|" + "---:|" * (len(TABLE_COLUMNS) - 2))
+    for cells in summary_rows(summaries):
+        lines.append("| " + " | ".join(cells[name] for name in TABLE_COLUMNS) + " |")
+    lines += ["", "## Sources", ""]
+    lines += [
+        f"- `{label}`: `{path}` ({len(rows)} rollouts; one JSON row each, keyed by suite, id and sample)"
+        for label, path, rows in runs
+    ]
+    if charts is not None:
+        written = write_charts(summaries, labels, Path(charts))
+        lines += ["", "## Charts", "", *(f"![{path.stem}]({path})" for path in written)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_charts(summaries: Sequence[SuiteSummary], labels: Sequence[str], out_dir: Path) -> list[Path]:
+    """One grouped bar chart (suites × runs, with the 95% intervals) per kind of suite, as PNG files."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("Charts need matplotlib: pip install matplotlib (or leave out --charts)") from error
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_key = {(summary.model, summary.suite): summary for summary in summaries}
+    written = []
+    for kind, title, _ in SECTIONS:
+        suites = list(dict.fromkeys(s.suite for s in summaries if s.kind == kind))
+        if not suites:
+            continue
+        figure, axes = plt.subplots(figsize=(max(4, 1.5 * len(suites) * len(labels)), 3.5))
+        step = 0.8 / len(labels)
+        for offset, label in enumerate(labels):
+            values, errors = [], [[], []]
+            for suite in suites:
+                rate = by_key[(label, suite)].metric() if (label, suite) in by_key else None
+                value = rate.value if rate is not None and rate.value is not None else 0.0
+                low, high = rate.interval if rate is not None and rate.interval is not None else (value, value)
+                values.append(100 * value)
+                errors[0].append(100 * (value - low))
+                errors[1].append(100 * (high - value))
+            positions = [i + offset * step for i in range(len(suites))]
+            axes.bar(positions, values, step, yerr=errors, label=label, capsize=3)
+        axes.set_xticks([i + step * (len(labels) - 1) / 2 for i in range(len(suites))], suites)
+        axes.set_ylabel("%")
+        axes.set_title(title)
+        axes.legend()
+        figure.tight_layout()
+        path = out_dir / f"{kind}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    return written
