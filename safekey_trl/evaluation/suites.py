@@ -125,14 +125,23 @@ class HubSuite:
     messages: Callable[[dict[str, Any]], list[dict[str, str]]] | None = None  # default: the column as one turn
 
 
-# Dataset revisions: the commit hashes of these Hub datasets could not be looked up from this offline machine, so
-# every `revision` below is None, a placeholder to be pinned to a commit (`huggingface_hub.HfApi().dataset_info(
-# name).sha`) before a run whose numbers are to be compared. Rows record the revision they were loaded from.
+# Dataset revisions. The Hub could not be reached where this was written: the three commit hashes below are the ones
+# public evaluation code pins these datasets to (found by search, not checked against the Hub here); every other
+# `revision` is None, a placeholder to be pinned (`huggingface_hub.HfApi().dataset_info(name).sha`) before a run
+# whose numbers are to be compared. An unpinned load logs a warning.
+JBB_REVISION = "886acc352a31533ffbcf4ef22c744658688086fc"
+AIME24_REVISION = "2fe88a2f1091d5048c0f36abc874fb997b3dd99a"
+MATH500_REVISION = "6e4ed1a2a79af7d8630a6b768ec859cb5af4d3be"
 SUITES: dict[str, HubSuite] = {
     # Safety: harmful prompts, judged for harmfulness
     "strongreject": HubSuite("walledai/StrongREJECT", "train", "prompt", category_column="category"),
     "jailbreakbench": HubSuite(
-        "JailbreakBench/JBB-Behaviors", "harmful", "Goal", config="behaviors", category_column="Category"
+        "JailbreakBench/JBB-Behaviors",
+        "harmful",
+        "Goal",
+        config="behaviors",
+        revision=JBB_REVISION,
+        category_column="Category",
     ),
     # The paper reports a 250-prompt subset of the 2,000 adversarial-harmful prompts, shuffled with seed 42
     "wildjailbreak": HubSuite(
@@ -149,7 +158,13 @@ SUITES: dict[str, HubSuite] = {
         "walledai/XSTest", "test", "prompt", expect=BENIGN, where=("label", "safe"), category_column="type"
     ),
     "jailbreakbench-benign": HubSuite(
-        "JailbreakBench/JBB-Behaviors", "benign", "Goal", expect=BENIGN, config="behaviors", category_column="Category"
+        "JailbreakBench/JBB-Behaviors",
+        "benign",
+        "Goal",
+        expect=BENIGN,
+        config="behaviors",
+        revision=JBB_REVISION,
+        category_column="Category",
     ),
     "phtest": HubSuite("furonghuang-lab/PHTest", "train", "Request", expect=BENIGN, where=("Harmfulness", "harmless")),
     "orbench-hard": HubSuite(
@@ -161,6 +176,7 @@ SUITES: dict[str, HubSuite] = {
         "train",
         "problem",
         expect=CAPABILITY,
+        revision=AIME24_REVISION,
         id_column="id",
         answer_column="answer",
         answer_format="math",
@@ -172,6 +188,7 @@ SUITES: dict[str, HubSuite] = {
         "test",
         "problem",
         expect=CAPABILITY,
+        revision=MATH500_REVISION,
         id_column="unique_id",
         category_column="subject",
         answer_column="answer",
