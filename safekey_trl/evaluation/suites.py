@@ -255,6 +255,10 @@ def hub_rows_to_prompts(name: str, spec: HubSuite, rows: Any, source: str) -> li
     return prompts
 
 
+class SuiteLoadError(ValueError):
+    """A Hub suite that could not be loaded (no network, a gated dataset, a wrong split or revision)."""
+
+
 def load_dataset_rows(spec: HubSuite, local: str | None = None) -> Any:
     """The suite's rows: from the Hub at the pinned revision, or from a local copy (`.jsonl`, `.json`, `.csv`,
     `.parquet`) in the same column layout."""
@@ -270,7 +274,14 @@ def load_dataset_rows(spec: HubSuite, local: str | None = None) -> Any:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     if spec.revision is None:
         logger.warning("%s is not pinned to a dataset revision: numbers may not compare across runs", spec.dataset)
-    return datasets.load_dataset(spec.dataset, spec.config, split=spec.split, revision=spec.revision)
+    try:
+        return datasets.load_dataset(spec.dataset, spec.config, split=spec.split, revision=spec.revision)
+    except Exception as error:  # the Hub's failures come in many types: one clear line with the way out
+        where = f"{spec.dataset} (config {spec.config}, split {spec.split}, revision {spec.revision or 'main'})"
+        raise SuiteLoadError(
+            f"could not load {where}: {type(error).__name__}: {error}. Without the Hub, give a local copy in the "
+            "same columns as --suite NAME=FILE."
+        ) from None
 
 
 def load_hub_suite(name: str, local: str | None = None) -> list[EvalPrompt]:
