@@ -113,6 +113,20 @@ def export_command(
     console.print(f"exported to {path} (model loads with AutoModelForCausalLM; head in safekey_head.safetensors)")
 
 
+@app.command("recipes")
+def recipes_command() -> None:
+    """List the recipes and accelerate configs shipped with safekey-trl (`train --recipe NAME`, `--accelerate`)."""
+    from .resources import recipes_dir, shipped_accelerate_configs, shipped_recipes
+
+    console.print(f"recipes ({recipes_dir()}):")
+    for recipe in shipped_recipes():
+        console.print(f"  {recipe.name:<14} {recipe.model or '':<42} {recipe.description}", markup=False)
+    console.print("accelerate configs (train --accelerate NAME):")
+    for config in shipped_accelerate_configs():
+        console.print(f"  {config.name:<14} {config.description}", markup=False)
+    console.print("A path, or ./recipes/NAME.yaml in the current directory, wins over a shipped recipe of that name.")
+
+
 def _tokenizer(name: str):
     from .tiny import load_tokenizer
 

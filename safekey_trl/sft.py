@@ -15,21 +15,21 @@ from trl import ModelConfig, TrlParser
 from .config import SafeKeyConfig, SafeKeyScriptArguments
 from .data import load_safekey_dataset
 from .modeling import load_model_and_tokenizer, lora_config
+from .resources import accelerate_configs_dir, recipes_dir, resolve_dataset_path
 from .trainer import SafeKeySFTTrainer
 
 logger = logging.getLogger(__name__)
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-ACCELERATE_CONFIGS_DIR = RECIPES_DIR / "accelerate"
-
 
 def resolve_recipe(recipe: str) -> Path:
-    """A recipe path, or a name looked up as `recipes/<name>.yaml` (in the current directory, then the checkout)."""
-    candidates = [Path(recipe), Path("recipes") / f"{recipe}.yaml", RECIPES_DIR / f"{recipe}.yaml"]
+    """A recipe path, or a name looked up as `recipes/<name>.yaml` in the current directory, then among the shipped
+    recipes (`safekey-trl recipes` lists them)."""
+    shipped = recipes_dir()
+    candidates = [Path(recipe), Path("recipes") / f"{recipe}.yaml", shipped / f"{recipe}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    available = sorted(path.stem for path in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    available = sorted(path.stem for path in shipped.glob("*.yaml"))
     raise FileNotFoundError(f"No recipe {recipe!r}: not a file, and not one of {available}.")
 
 
@@ -45,14 +45,15 @@ def accelerate_launch_command(
 ) -> list[str]:
     """The `accelerate launch` command that runs `safekey-trl train` under an accelerate config.
 
-    `accelerate_config` is a file, or a name under `recipes/accelerate/` (ddp, zero2, zero3, zero3_offload, fsdp).
+    `accelerate_config` is a file, or the name of a shipped config (ddp, zero2, zero3, zero3_offload, fsdp).
     The launch flags given here override the config's; multi-node runs pass the same command on every node with its
     own `machine_rank`.
     """
-    candidates = [Path(accelerate_config), ACCELERATE_CONFIGS_DIR / f"{accelerate_config}.yaml"]
+    shipped = accelerate_configs_dir()
+    candidates = [Path(accelerate_config), shipped / f"{accelerate_config}.yaml"]
     config = next((candidate for candidate in candidates if candidate.is_file()), None)
     if config is None:
-        available = sorted(path.stem for path in ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
+        available = sorted(path.stem for path in shipped.glob("*.yaml"))
         raise FileNotFoundError(f"No accelerate config {accelerate_config!r}: not a file, and not one of {available}.")
     executable = Path(sys.executable).parent / "accelerate"
     command = [str(executable) if executable.is_file() else "accelerate", "launch", "--config_file", str(config)]
@@ -104,6 +105,7 @@ def train(
     model, tokenizer = load_model_and_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
 
     def load(name: str, split: str):
+        name = resolve_dataset_path(name)
         dataset, stats, report = load_safekey_dataset(
             name,
             tokenizer,
