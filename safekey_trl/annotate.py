@@ -580,7 +580,8 @@ class AnnotateReport:
     annotated: int = 0
     unsure: int = 0
     cached: int = 0
-    requests: int = 0
+    requests: int = 0  # sent, retries included
+    failed_requests: int = 0  # of those, the ones that failed or got an unusable reply
     unlabelled: int = 0
     failed: list[tuple[int, str]] = field(default_factory=list)  # (row number, reason)
 
@@ -590,7 +591,9 @@ class AnnotateReport:
         if self.method == "heuristic":
             lines.append(f"  unsure: {self.unsure} (see each row's annotation.reasons)")
         else:
-            lines.append(f"  from the cache: {self.cached}; requests sent: {self.requests}")
+            lines.append(
+                f"  from the cache: {self.cached}; requests sent: {self.requests}, failed: {self.failed_requests}"
+            )
         if self.unlabelled:
             lines.append(
                 f"  {self.unlabelled} row(s) have neither 'source' nor 'unsafe': label them before training "
@@ -628,6 +631,7 @@ def annotate_rows(
     items = list(rows)
     report.rows = len(items)
     outcomes: list[Annotation | str | None] = [None] * len(items)
+    failed_requests = [0] * len(items)  # requests sent for a row whose every attempt failed
     inputs: list[tuple[str, str] | None] = [None] * len(items)
     for index, (number, row) in enumerate(items):
         try:
@@ -650,7 +654,10 @@ def annotate_rows(
             if method == "heuristic":
                 return heuristic_annotation(response)
             return llm_annotation(response, question, settings, cache)  # type: ignore[arg-type]
-        except (AnnotationError, LLMReplyError) as error:
+        except LLMReplyError as error:
+            failed_requests[index] = error.attempts
+            return str(error)
+        except AnnotationError as error:
             return str(error)
 
     pending = [index for index in range(len(items)) if inputs[index] is not None]
@@ -684,7 +691,9 @@ def annotate_rows(
             report.unsure += outcome.unsure
             if outcome.extra.get("cached"):
                 report.cached += 1
-            report.requests += outcome.extra.get("attempts", 0)
+            attempts = outcome.extra.get("attempts", 0)
+            report.requests += attempts
+            report.failed_requests += max(attempts - 1, 0)  # every attempt before the one that answered
             if row.get("unsafe") is None and row.get("source") is None:
                 report.unlabelled += 1
         else:
@@ -693,6 +702,8 @@ def annotate_rows(
             base = row if isinstance(row, dict) else {} if isinstance(row, SafeKeyDataError) else {"value": row}
             failed.append({**base, "annotation_error": {"row": number, "reason": reason}})
             report.failed.append((number, reason))
+    report.requests += sum(failed_requests)
+    report.failed_requests += sum(failed_requests)
     return annotated, failed, report
 
 
@@ -702,17 +713,24 @@ def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"{path}: the output must be a .jsonl, .json or .parquet file")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; the output must be a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    if suffix == ".jsonl":
-        temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    elif suffix == ".json":
-        temporary.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    else:
-        from datasets import Dataset
+    try:
+        if suffix == ".jsonl":
+            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            temporary.write_bytes(text.encode("utf-8"))
+        elif suffix == ".json":
+            temporary.write_bytes((json.dumps(rows, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+        else:
+            from datasets import Dataset
 
-        Dataset.from_list(rows).to_parquet(str(temporary))
-    temporary.replace(path)
+            Dataset.from_list(rows).to_parquet(str(temporary))
+        temporary.replace(path)
+    finally:
+        # a failed write leaves neither a partial output nor its temporary file behind
+        temporary.unlink(missing_ok=True)
 
 
 def sidecar_path(out: str | Path, kind: str) -> Path:

@@ -95,7 +95,26 @@ def train(
         # Fail now, not in the first step, when the attention kernel asked for cannot run here
         resolve_attn_implementation(model_args.attn_implementation)
     with _bad_input("\n(use --skip_invalid true to skip such rows with a report)"):
-        run_training(script_args, training_args, model_args)
+        try:
+            run_training(script_args, training_args, model_args)
+        except KeyboardInterrupt:
+            _report_interrupted_training(training_args.output_dir)
+            raise typer.Exit(130) from None
+
+
+def _report_interrupted_training(output_dir: str) -> None:
+    from pathlib import Path
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        console.print(f"[yellow]interrupted:[/yellow] no checkpoint saved yet in {escape(output_dir)}")
+    else:
+        console.print(
+            f"[yellow]interrupted:[/yellow] the last checkpoint is {escape(last)}; resume with the same command and "
+            f"--resume_from_checkpoint {escape(last)}"
+        )
 
 
 @app.command("export")
@@ -153,6 +172,8 @@ def validate(
     console.print(f"{file}: {rows_read} rows read")
     console.print(f"  valid: {len(valid)} ({harmful} harmful, {len(valid) - harmful} benign)")
     console.print(f"  K in the answer (outside the trace): {sum(example.key_in_answer for example in valid)}")
+    if report.duplicates:
+        console.print(f"[yellow]  {escape(report.duplicates_summary())}[/yellow]")
     if max_length is not None:
         console.print(
             f"  K cut by max_length={max_length}: {stats.key_truncated}; dropped: {stats.dropped_no_response}"
@@ -509,15 +530,17 @@ def convert(
     label = "benign" if benign else "harmful" if harmful else None
     with _bad_input():
         rows, report = convert_file(in_file, from_, label, parse_column_map(column_map or []), skip_invalid)
-        console.print(escape(report.summary()))
         if annotate_with is None:
             write_rows(out_file, rows)
+            # the counts only once the rows are written: a failed write converted nothing
+            console.print(escape(report.summary()))
             console.print(f"  written: {out_file} (no offsets yet: `safekey-trl data annotate {out_file} OUT`)")
             return
         annotated, failed, annotate_report = annotate_rows(enumerate(rows, start=1), annotate_with, str(in_file))
         write_rows(out_file, annotated)
         if failed:
             write_rows(sidecar_path(out_file, "failed"), failed)
+    console.print(escape(report.summary()))
     console.print(escape(annotate_report.summary()))
     console.print(f"  written: {out_file}")
     if failed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -75,14 +76,21 @@ class SafeKeyConfig(SFTConfig):
             self.ddp_find_unused_parameters = True
         super().__post_init__()
         for name in ("qmm_weight", "head_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+            # `nan < 0` is False: test finiteness first, or a nan weight would pass and turn every loss into nan
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {getattr(self, name)}.")
         if not 0.0 <= self.head_theta <= 1.0:
             raise ValueError(f"`head_theta` must be in [0, 1], got {self.head_theta}.")
         if self.lm_head_kernel not in ("auto", "trl", "tiled"):
             raise ValueError(f"`lm_head_kernel` must be 'auto', 'trl' or 'tiled', got {self.lm_head_kernel!r}.")
         if self.auxiliary_epochs < 0:
             raise ValueError(f"`auxiliary_epochs` must be >= 0, got {self.auxiliary_epochs}.")
+        # (with `max_steps` set, the Trainer ignores `num_train_epochs`, and so does this check)
+        if self.max_steps <= 0 and self.auxiliary_epochs > self.num_train_epochs:
+            raise ValueError(
+                f"`auxiliary_epochs` ({self.auxiliary_epochs}) is more than `num_train_epochs` "
+                f"({self.num_train_epochs}): the auxiliary terms run during the last `auxiliary_epochs` epochs."
+            )
         if self.packing or self.padding_free:
             raise ValueError(
                 "SafeKey needs each example's U and K spans in their own row: set `packing=False` and "

@@ -84,6 +84,7 @@ class InvalidRowReport:
     """What `skip_invalid=True` left out: a count per field and every error message."""
 
     errors: list[SafeKeyDataError] = field(default_factory=list)
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (row, the earlier row it repeats)
 
     @property
     def count(self) -> int:
@@ -98,6 +99,12 @@ class InvalidRowReport:
         if self.count > limit:
             lines.append(f"  ... and {self.count - limit} more")
         return "\n".join(lines)
+
+    def duplicates_summary(self) -> str:
+        """One line on the valid rows that repeat an earlier one (kept, so they count twice in training)."""
+        examples = ", ".join(f"row {row} repeats row {first}" for row, first in self.duplicates[:3])
+        more = ", ..." if len(self.duplicates) > 3 else ""
+        return f"{len(self.duplicates)} duplicate row(s), kept: {examples}{more}"
 
 
 @dataclass
@@ -114,29 +121,85 @@ class FeaturizeStats:
 # Loading
 
 
+def _lone_surrogate(value: Any, field_name: str = "<row>") -> tuple[str, str] | None:
+    """`(field, message)` for the first string in a row holding a lone surrogate (JSON allows `"\\ud800"`, but it
+    is no character: no tokenizer or UTF-8 writer takes it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return field_name, (
+                f"a lone surrogate \\u{ord(value[error.start]):04x} at character {error.start}: not valid Unicode text"
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(item, key if field_name == "<row>" else field_name)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for item in value:
+            found = _lone_surrogate(item, field_name)
+            if found:
+                return found
+    return None
+
+
+def _checked(source: str, number: int, row: Any) -> Any:
+    """The row itself, or a [`SafeKeyDataError`] in its place when it holds text that is not valid Unicode."""
+    found = _lone_surrogate(row)
+    return SafeKeyDataError(source, number, *found) if found else row
+
+
+def _not_utf8(source: str, error: UnicodeDecodeError, data: bytes, row: int, where: str) -> SafeKeyDataError:
+    return SafeKeyDataError(
+        source,
+        row,
+        "<encoding>",
+        f"not UTF-8 text: byte 0x{data[error.start]:02x} at {where} (save the file as UTF-8)",
+    )
+
+
 def read_rows(path_or_name: str, split: str = "train") -> Iterator[tuple[int, Any]]:
     """Yield `(row_number, row)` from a `.jsonl`, `.json` or `.parquet` file, or a Hub dataset name.
 
-    Row numbers are 1-based (the line number in a `.jsonl` file). A `.jsonl` line that is not JSON is yielded as a
-    [`SafeKeyDataError`] in place of the row, so that the caller decides whether to raise or to count it.
+    Row numbers are 1-based (the line number in a `.jsonl` file). A row that cannot be read (a `.jsonl` line that is
+    not JSON or not UTF-8, a string holding a lone surrogate) is yielded as a [`SafeKeyDataError`] in place of the
+    row, so that the caller decides whether to raise or to count it.
     """
     path = Path(path_or_name)
     source = str(path_or_name)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".parquet") and not path.is_file():
+    if path.is_dir():
+        if suffix in (".jsonl", ".json", ".parquet"):
+            raise ValueError(f"{source}: is a directory, not a {suffix} file")
+    elif suffix in (".jsonl", ".json", ".parquet") and not path.is_file():
         raise FileNotFoundError(f"{source}: no such file")
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    yield line_number, _not_utf8(source, error, raw, line_number, f"column {error.start + 1}")
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield line_number, json.loads(line)
+                    yield line_number, _checked(source, line_number, json.loads(line))
                 except json.JSONDecodeError as error:
                     yield line_number, SafeKeyDataError(source, line_number, "<json>", f"not valid JSON ({error.msg})")
     elif suffix == ".json":
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = raw.count(b"\n", 0, error.start) + 1
+            column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+            raise _not_utf8(source, error, raw, 0, f"line {line}, column {column}") from None
+        if not text.strip():
+            return  # an empty file: no rows
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as error:
             raise SafeKeyDataError(
                 source, 0, "<json>", f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
@@ -145,7 +208,8 @@ def read_rows(path_or_name: str, split: str = "train") -> Iterator[tuple[int, An
             data = data["data"]
         if not isinstance(data, list):
             raise SafeKeyDataError(source, 0, "<json>", "expected a list of rows (or {'data': [...]})")
-        yield from enumerate(data, start=1)
+        for number, row in enumerate(data, start=1):
+            yield number, _checked(source, number, row)
     elif suffix == ".parquet":
         yield from enumerate(Dataset.from_parquet(str(path)), start=1)
     else:
@@ -188,6 +252,9 @@ def validate_row(row: Any, source: str, number: int) -> SafeKeyExample:
     """Check one row against the SafeKey format; raise [`SafeKeyDataError`] naming the first bad field."""
     if not isinstance(row, dict):
         raise SafeKeyDataError(source, number, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    found = _lone_surrogate(row)
+    if found:
+        raise SafeKeyDataError(source, number, *found)
     prompt, response = _prompt_messages(row, source, number)
     response_field = "messages" if "messages" in row and "question" not in row else "response"
     if not response.startswith(THINK_OPEN) or THINK_CLOSE not in response:
@@ -251,17 +318,40 @@ def load_examples(
     """
     examples: list[SafeKeyExample] = []
     report = InvalidRowReport()
+    rows_read = 0
+    first_seen: dict[str, int] = {}
     for number, row in read_rows(path_or_name, split):
+        rows_read += 1
         try:
             if isinstance(row, SafeKeyDataError):
                 raise row
-            examples.append(validate_row(row, str(path_or_name), number))
+            example = validate_row(row, str(path_or_name), number)
         except SafeKeyDataError as error:
             if not skip_invalid:
                 raise
             report.errors.append(error)
+            continue
+        examples.append(example)
+        # the same prompt, response, offsets and label again; kept (a repeat weights a row up), but counted
+        key = json.dumps(
+            [
+                example.prompt_messages,
+                example.response,
+                example.summary_end_idx,
+                example.next_sentence_end_idx,
+                example.unsafe,
+            ]
+        )
+        if key in first_seen:
+            report.duplicates.append((number, first_seen[key]))
+        else:
+            first_seen[key] = number
+    if not rows_read:
+        raise ValueError(f"{path_or_name}: no rows (the file is empty or an empty list)")
     if report.count:
         logger.warning(report.summary())
+    if report.duplicates:
+        logger.warning(report.duplicates_summary())
     return examples, report
 
 
@@ -461,4 +551,12 @@ def load_safekey_dataset(
     dataset, stats = featurize(
         examples, tokenizer, max_length, skip_invalid=skip_invalid, report=report, chat_format=chat_format
     )
+    if not len(dataset):
+        reasons = [f"{stats.dropped_no_response} dropped: the prompt alone fills max_length={max_length}"]
+        if report.count:
+            reasons.append(f"{report.count} invalid")
+        raise ValueError(
+            f"{path_or_name}: nothing left to train on: of {stats.rows} valid rows, {'; '.join(reasons)}"
+            + (" (raise --max_length)" if stats.dropped_no_response else "")
+        )
     return dataset, stats, report

@@ -27,6 +27,8 @@ def export(run_dir: str | Path, out_dir: str | Path, merge: bool = False, dtype:
         dtype: The dtype of the merged weights.
     """
     run, out = Path(run_dir), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; the export needs a directory")
     head_file = run / HEAD_WEIGHTS_NAME
     if not head_file.is_file():
         raise FileNotFoundError(f"{run}: no {HEAD_WEIGHTS_NAME}; not a SafeKey run or checkpoint directory.")
@@ -35,6 +37,7 @@ def export(run_dir: str | Path, out_dir: str | Path, merge: bool = False, dtype:
         raise FileNotFoundError(f"{run}: neither a model (config.json) nor a LoRA adapter (adapter_config.json).")
     if merge and not is_adapter:
         raise ValueError(f"{run}: a full fine-tune has no adapter to merge; export it without --merge.")
+    check_safetensors_files(run)
     out.mkdir(parents=True, exist_ok=True)
 
     if is_adapter and merge:
@@ -53,6 +56,17 @@ def export(run_dir: str | Path, out_dir: str | Path, merge: bool = False, dtype:
     shutil.copy2(head_file, out / HEAD_WEIGHTS_NAME)
     _check_no_head_weights(out)
     return out
+
+
+def check_safetensors_files(directory: str | Path) -> None:
+    """Raise `ValueError` naming the first `*.safetensors` file in `directory` that cannot be read (truncated by a
+    full disk or a killed copy, say), before anything loads it."""
+    for weights in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own SafetensorError, and OSError
+            raise ValueError(f"{weights}: not a readable safetensors file ({error}); it may be truncated") from None
 
 
 def _check_no_head_weights(directory: Path) -> None:

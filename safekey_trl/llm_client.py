@@ -30,9 +30,10 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429})
 class LLMRequestError(RuntimeError):
     """A request that failed or a reply that could not be used. `retryable` is False when asking again cannot help."""
 
-    def __init__(self, message: str, retryable: bool = True):
+    def __init__(self, message: str, retryable: bool = True, attempts: int = 0):
         super().__init__(message)
         self.retryable = retryable
+        self.attempts = attempts  # after every try failed: the requests sent
 
 
 def _import_openai():
@@ -134,6 +135,6 @@ class ChatClient:
             if not error.retryable:
                 break
         assert error is not None
-        final = LLMRequestError(f"{error} (after {attempt + 1} tries)", error.retryable)
+        final = LLMRequestError(f"{error} (after {attempt + 1} tries)", error.retryable, attempts=attempt + 1)
         final.raw = raw  # type: ignore[attr-defined]
         raise final

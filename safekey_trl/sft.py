@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser
 
 from .config import SafeKeyConfig, SafeKeyScriptArguments
 from .data import load_safekey_dataset
+from .export import check_safetensors_files
 from .modeling import load_model_and_tokenizer, lora_config
 from .resources import accelerate_configs_dir, recipes_dir, resolve_dataset_path
 from .trainer import SafeKeySFTTrainer
@@ -97,10 +99,32 @@ def parse_recipe(
     return parser.parse_args_and_config(args=["--config", str(resolve_recipe(recipe)), *(overrides or [])])
 
 
+def resume_checkpoint(training_args: SafeKeyConfig) -> Path | None:
+    """The checkpoint directory `resume_from_checkpoint` names: a path, or `true` for the last one in output_dir."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None or str(resume).lower() in ("false", ""):
+        return None
+    if str(resume).lower() == "true" or resume is True:
+        output_dir = Path(training_args.output_dir)
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise FileNotFoundError(f"{output_dir}: no checkpoint-* directory to resume from")
+        return Path(last)
+    if not Path(resume).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint {resume}: no such checkpoint directory")
+    return Path(resume)
+
+
 def train(
     script_args: SafeKeyScriptArguments, training_args: SafeKeyConfig, model_args: ModelConfig
 ) -> SafeKeySFTTrainer:
     """Run a SafeKey training and save the final model; returns the trainer."""
+    output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir}: exists and is not a directory")
+    checkpoint = resume_checkpoint(training_args)
+    if checkpoint is not None:
+        check_safetensors_files(checkpoint)
     set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
 
@@ -134,7 +158,7 @@ def train(
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     if trainer.is_fsdp_enabled:
         # Gather the shards for the final save, so the exported model is plain safetensors
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")

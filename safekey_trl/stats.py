@@ -119,6 +119,8 @@ def render_stats(stats: DataStats, path: str = "") -> str:
         lines.append(f"  harmful share: {stats.harmful / measured:.1%}")
     if measured:
         lines.append(f"  K in the answer (outside the trace): {stats.key_in_answer}")
+    if stats.report.duplicates:
+        lines.append(f"  {stats.report.duplicates_summary()}")
     if stats.report.count:
         lines.append(f"  invalid: {stats.report.count} (run `safekey-trl data validate` for the list)")
     for name, values in (

@@ -406,6 +406,17 @@ def test_llm_retries_malformed_slow_and_failing_replies_and_reports_what_it_coul
     assert (llm.counts["nochoices"], llm.counts["outofrange"], llm.counts["denied"]) == (3, 3, 1)
     assert (llm.counts["notjson"], llm.counts["slow"], llm.counts["flaky"]) == (2, 2, 2)
     assert [number for number, _ in report.failed] == [2, 3, 6]
+    # every request sent counts, the failed ones too: 13 in all, of which 3 got the answer
+    assert (report.requests, report.failed_requests) == (sum(llm.counts.values()), 10) == (13, 10)
+
+
+def test_llm_counts_the_requests_it_sent_when_all_of_them_failed(llm, tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(source, tagged_rows(*["down"] * 4))
+    report = annotate_file(str(source), str(out), "llm", settings_for(llm, max_retries=1))
+    assert (report.annotated, len(report.failed)) == (0, 4)
+    assert (report.requests, report.failed_requests) == (llm.counts["down"], 8) == (8, 8)
+    assert "requests sent: 8, failed: 8" in report.summary()
 
 
 def test_llm_resumes_from_its_cache_and_skips_a_torn_line(llm, tmp_path):

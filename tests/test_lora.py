@@ -95,7 +95,7 @@ def test_lora_checkpoint_holds_adapter_and_head_and_resumes_exactly(tmp_path, ex
 
 @pytest.fixture
 def lora_run(tmp_path, examples):
-    trainer = lora_trainer(tmp_path / "run", examples, num_train_epochs=1)
+    trainer = lora_trainer(tmp_path / "run", examples, num_train_epochs=1, auxiliary_epochs=1)
     trainer.train()
     trainer.save_model(str(tmp_path / "run"))
     trainer.model.eval()
