@@ -84,7 +84,11 @@ def train(
             console.print(f"[red]error:[/red] {escape(str(error))}")
             raise typer.Exit(2) from None
         console.print(" ".join(command), markup=False)
-        raise typer.Exit(subprocess.run(command).returncode)
+        try:
+            raise typer.Exit(subprocess.run(command).returncode)
+        except KeyboardInterrupt:
+            # the launched processes got the Ctrl-C too; rank 0 reports the last checkpoint
+            raise typer.Exit(130) from None
     with _bad_input():
         script_args, training_args, model_args = parse_recipe(recipe, list(ctx.args))
         if dry_run:
