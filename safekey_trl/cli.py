@@ -87,7 +87,7 @@ def train(
         try:
             raise typer.Exit(subprocess.run(command).returncode)
         except KeyboardInterrupt:
-            # the launched processes got the Ctrl-C too; rank 0 reports the last checkpoint
+            # the launched processes got the Ctrl-C too, and each reports the last checkpoint itself
             raise typer.Exit(130) from None
     with _bad_input():
         script_args, training_args, model_args = parse_recipe(recipe, list(ctx.args))
