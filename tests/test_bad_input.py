@@ -94,10 +94,18 @@ def test_convert_prints_its_counts_only_once_the_rows_are_written(tmp_path):
     assert result.exit_code == 0 and "1 rows read, 1 converted" in result.output
 
 
-def test_a_failed_write_leaves_no_temporary_or_partial_file(tmp_path):
+def test_a_failed_write_leaves_no_temporary_or_partial_file(tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
-    with pytest.raises(UnicodeEncodeError):
+    with pytest.raises(UnicodeEncodeError):  # fails before anything is written
         write_rows(out, [{"question": "\ud800"}])
+    assert list(tmp_path.iterdir()) == []
+
+    def full_disk(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full_disk)  # fails once the temporary file is written
+    with pytest.raises(OSError, match="No space left"):
+        write_rows(out, [{"question": "fine"}])
     assert list(tmp_path.iterdir()) == []
 
 
