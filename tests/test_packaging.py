@@ -44,6 +44,9 @@ def test_the_wheel_ships_the_recipes_configs_and_sample_data(wheel):
     assert {f"safekey_trl/recipes/accelerate/{name}" for name in configs} <= names
     assert "safekey_trl/sample_data/safekey_sample.jsonl" in names
     assert "safekey_trl/templates/deepseek_r1_distill_chat_template.jinja" in names
+    # every module of the checkout, subpackages included (the package list in pyproject.toml is explicit)
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "safekey_trl").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
 
 
 def test_an_installed_wheel_lists_its_recipes_and_trains_from_another_directory(wheel, tmp_path):
