@@ -28,6 +28,7 @@ from .heads import (
 )
 from .lm_head import add_tiled_lm_head, supports_tiled_lm_head
 from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
+from .resume import check_checkpoint_settings, resolve_resume_from_checkpoint, save_safekey_settings
 
 logger = logging.getLogger(__name__)
 
@@ -358,6 +359,14 @@ class SafeKeySFTTrainer(SFTTrainer):
     # -----------------------------------------------------------------------------------------------------------------
     # Saving and resuming
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """Train; `resume_from_checkpoint` is a checkpoint path, or `True`/`"true"`/`"auto"` for the last checkpoint
+        in `output_dir` (none yet: start fresh). A checkpoint written with other SafeKey settings is refused."""
+        checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            check_checkpoint_settings(checkpoint, self.args)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save a clean causal LM (no head weights) and the head beside it in `safekey_head.safetensors`."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -366,6 +375,7 @@ class SafeKeySFTTrainer(SFTTrainer):
         head_state, model_state = split_head_state(state_dict)
         if self.args.should_save and head_state:
             save_head_state(head_state, output_dir)
+            save_safekey_settings(self.args, output_dir)
         super()._save(output_dir, state_dict=model_state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
