@@ -554,13 +554,35 @@ def convert(
 
 @data_app.command()
 def stats(
-    file: Annotated[str, typer.Argument(help="A SafeKey-format .jsonl, .json or .parquet file, or a Hub name.")],
+    file: Annotated[
+        str | None, typer.Argument(help="A SafeKey-format .jsonl, .json or .parquet file, or a Hub name.")
+    ] = None,
     tokenizer: TokenizerOption = "tiny:qwen2",
     max_length: Annotated[int | None, typer.Option(help="Count the K spans this length would cut.")] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Show a recipe's data instead of FILE: its `datasets` mixture, or dataset_name.")
+    ] = None,
 ) -> None:
     """Rows, harmful/benign balance, U and K lengths in tokens, and the K spans `max_length` would cut."""
-    from .stats import compute_stats, render_stats
+    from .stats import compute_example_stats, compute_stats, render_stats
 
+    if (file is None) == (recipe is None):
+        console.print("[red]error:[/red] give a FILE or --recipe, not both")
+        raise typer.Exit(2)
     with _bad_input():
-        measured = compute_stats(file, _tokenizer(tokenizer), max_length)
+        if recipe is None:
+            measured = compute_stats(file, _tokenizer(tokenizer), max_length)
+        else:
+            from .mixture import load_mixture
+            from .sft import parse_recipe
+
+            script_args, _, _ = parse_recipe(recipe)
+            if not script_args.datasets:
+                file = script_args.dataset_name
+                measured = compute_stats(file, _tokenizer(tokenizer), max_length)
+            else:
+                examples, report = load_mixture(script_args.datasets, skip_invalid=True)
+                console.print(escape(report.describe()))
+                file = f"{recipe} mixture"
+                measured = compute_example_stats(examples, report.invalid, _tokenizer(tokenizer), max_length)
     console.print(escape(render_stats(measured, file)))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from trl import SFTConfig
+from trl import DatasetMixtureConfig, SFTConfig
+from trl.scripts.utils import DatasetConfig
 
 
 @dataclass
@@ -103,12 +104,26 @@ class SafeKeyConfig(SFTConfig):
 
 
 @dataclass
-class SafeKeyScriptArguments:
-    """Where a recipe's data comes from.
+class SafeKeyDatasetConfig(DatasetConfig):
+    """One dataset of a mixture: TRL's [`~trl.scripts.utils.DatasetConfig`] (`path`, `name`, `data_dir`,
+    `data_files`, `split`, `columns`, `fraction`) plus `column_map`.
+
+    Parameters:
+        column_map (`dict[str, str]`, *optional*):
+            Rename columns, `{old: new}`, after `columns` has selected them: e.g. `{conversations: messages}`.
+    """
+
+    column_map: dict[str, str] | None = None
+
+
+@dataclass
+class SafeKeyScriptArguments(DatasetMixtureConfig):
+    """Where a recipe's data comes from: one `dataset_name`, or a mixture in TRL's form (`datasets`).
 
     Parameters:
         dataset_name (`str`):
-            A `.jsonl`, `.json` or `.parquet` file in the SafeKey format, or a Hub dataset name.
+            A `.jsonl`, `.json` or `.parquet` file in the SafeKey format, or a Hub dataset name. Ignored when
+            `datasets` is set.
         dataset_train_split (`str`, *optional*, defaults to `"train"`):
             Split to train on, for a Hub dataset.
         eval_dataset_name (`str`, *optional*):
@@ -120,8 +135,18 @@ class SafeKeyScriptArguments:
             it from the tokenizer's chat template, a family name (`r1_distill`, `qwen3`, `gpt_oss`, `nemotron_3`,
             `glm4_moe`, `deepseek_v3`, `gemma4`) takes the template to be of that family, and `verbatim` appends the
             SafeKey response to the rendered prompt as it is.
+        datasets (`list[SafeKeyDatasetConfig]`, *optional*):
+            A mixture, as TRL's `DatasetMixtureConfig`: each entry a [`SafeKeyDatasetConfig`], `fraction`s set on
+            all or none (target shares, normalised, no dataset oversampled). Rows without U and K (plain SFT data)
+            train the LM term only.
+        test_split_size (`float`, *optional*):
+            Hold out this share (or number) of the mixture as the evaluation set.
     """
 
+    datasets: list[SafeKeyDatasetConfig] = field(
+        default_factory=list,
+        metadata={"help": "A data mixture in TRL's form (recipe only): a list of {path, split, fraction, ...}."},
+    )
     dataset_name: str = field(
         default="data/safekey_sample.jsonl", metadata={"help": "SafeKey-format file or Hub dataset name."}
     )
@@ -139,3 +164,11 @@ class SafeKeyScriptArguments:
             + ["verbatim"],
         },
     )
+
+    def __post_init__(self):
+        # TRL's __post_init__ would make TRL DatasetConfigs of the recipe's dicts: make ours, with `column_map`
+        self.datasets = [
+            SafeKeyDatasetConfig(**dataset) if isinstance(dataset, dict) else dataset for dataset in self.datasets
+        ]
+        if self.streaming:
+            raise ValueError("SafeKey data mixtures are featurised up front: `streaming` is not supported.")

@@ -14,6 +14,9 @@ harmful unless its ``source`` is ``"4o_rewrite"``; an explicit boolean ``unsafe`
 A ``messages`` form is accepted too: a list of chat turns ending with the assistant turn that holds the response,
 the offsets then pointing into that last turn's content.
 
+In a data mixture (`load_mixture`), a row with neither offset is plain SFT data (`question`/`response`, `messages` or
+TRL's `prompt`/`completion` form): it trains the LM term only, with `key_mask` all zeros, and is counted as LM-only.
+
 Every token span is computed from character offsets of the full rendered text through the fast tokenizer's offset
 mapping. **Boundary rule:** a token belongs to the segment (prompt, U, K, rest) that holds its first character. A
 token straddling U/K therefore belongs to U when it starts inside U, and K's tokens decode to K's text, possibly
@@ -44,6 +47,8 @@ THINK_CLOSE = "\n</think>\n\n"
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
 BENIGN_SOURCE = "4o_rewrite"
+# Files read here row by row (anything else is a Hub dataset name)
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 # The per-example features the SafeKey trainer reads beside `input_ids` and `labels`.
 SAFEKEY_FEATURES = ("key_mask", "query_mask", "understanding_span", "prefix_end", "unsafe")
@@ -62,12 +67,14 @@ class SafeKeyDataError(ValueError):
 
 @dataclass
 class SafeKeyExample:
-    """One validated row: the prompt as chat messages, the response and the U/K character offsets into it."""
+    """One validated row: the prompt as chat messages, the response and the U/K character offsets into it.
+
+    An LM-only example (plain SFT data in a mixture) has no offsets: it trains the LM term only."""
 
     prompt_messages: list[dict[str, str]]
     response: str
-    summary_end_idx: int
-    next_sentence_end_idx: int
+    summary_end_idx: int | None
+    next_sentence_end_idx: int | None
     unsafe: bool
     source: str = "<memory>"
     row: int = 0
@@ -75,8 +82,15 @@ class SafeKeyExample:
     @property
     def key_in_answer(self) -> bool:
         """Whether K lies after the reasoning trace, in the answer (as in the reference data's empty-trace rows)."""
+        if self.lm_only:
+            return False
         trace_end = self.response.find(THINK_CLOSE)
         return 0 <= trace_end < self.next_sentence_end_idx
+
+    @property
+    def lm_only(self) -> bool:
+        """True for a row without U and K: it trains the LM term only."""
+        return self.summary_end_idx is None
 
 
 @dataclass
@@ -115,6 +129,7 @@ class FeaturizeStats:
     examples: int = 0
     key_truncated: int = 0
     dropped_no_response: int = 0
+    lm_only: int = 0  # examples without U/K (plain SFT data in a mixture), kept: they train the LM term only
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,9 +185,9 @@ def read_rows(path_or_name: str, split: str = "train") -> Iterator[tuple[int, An
     source = str(path_or_name)
     suffix = path.suffix.lower()
     if path.is_dir():
-        if suffix in (".jsonl", ".json", ".parquet"):
+        if suffix in LOCAL_SUFFIXES:
             raise ValueError(f"{source}: is a directory, not a {suffix} file")
-    elif suffix in (".jsonl", ".json", ".parquet") and not path.is_file():
+    elif suffix in LOCAL_SUFFIXES and not path.is_file():
         raise FileNotFoundError(f"{source}: no such file")
     if suffix == ".jsonl":
         with path.open("rb") as handle:
@@ -231,7 +246,7 @@ def _require(row: dict, name: str, kind: type | tuple[type, ...], source: str, n
 
 def _prompt_messages(row: dict, source: str, number: int) -> tuple[list[dict[str, str]], str]:
     """The prompt turns and the response, from the `question`/`response` form or the `messages` form."""
-    if "messages" in row and "question" not in row:
+    if row.get("messages") is not None and row.get("question") is None:
         messages = _require(row, "messages", list, source, number)
         if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             raise SafeKeyDataError(source, number, "messages", "expected a list of {'role', 'content'} turns")
@@ -248,15 +263,58 @@ def _prompt_messages(row: dict, source: str, number: int) -> tuple[list[dict[str
     return [{"role": "user", "content": question}], response
 
 
-def validate_row(row: Any, source: str, number: int) -> SafeKeyExample:
-    """Check one row against the SafeKey format; raise [`SafeKeyDataError`] naming the first bad field."""
+def _has_offsets(row: dict) -> bool:
+    return any(row.get(name) is not None for name in ("summary_end_idx", "next_sentence_end_idx"))
+
+
+def _turns(value: Any, source: str, number: int, name: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise SafeKeyDataError(source, number, name, "expected a string or a list of {'role', 'content'} turns")
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+        raise SafeKeyDataError(source, number, name, "expected a list of {'role', 'content'} turns")
+    return [{"role": m.get("role", ""), "content": m["content"]} for m in value]
+
+
+def validate_lm_only_row(row: Any, source: str, number: int) -> SafeKeyExample:
+    """Check a row without U and K (plain SFT data): `question`/`response`, `messages` ending with the assistant's
+    turn, or TRL's `prompt`/`completion` (strings, or lists of turns; a string prompt is the user's turn)."""
     if not isinstance(row, dict):
         raise SafeKeyDataError(source, number, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    if row.get("prompt") is not None or row.get("completion") is not None:
+        prompt_value = _require(row, "prompt", (str, list), source, number)
+        completion_value = _require(row, "completion", (str, list), source, number)
+        if isinstance(prompt_value, str):
+            prompt = [{"role": "user", "content": prompt_value}]
+        else:
+            prompt = _turns(prompt_value, source, number, "prompt")
+        if isinstance(completion_value, str):
+            response = completion_value
+        else:
+            completion = _turns(completion_value, source, number, "completion")
+            if len(completion) != 1 or completion[0]["role"] != "assistant":
+                raise SafeKeyDataError(source, number, "completion", "expected one assistant turn")
+            response = completion[0]["content"]
+    else:
+        prompt, response = _prompt_messages(row, source, number)
+    if not response.strip():
+        raise SafeKeyDataError(source, number, "completion" if "completion" in row else "response", "empty")
+    return SafeKeyExample(prompt, response, None, None, False, source, number)
+
+
+def validate_row(row: Any, source: str, number: int, allow_lm_only: bool = False) -> SafeKeyExample:
+    """Check one row against the SafeKey format; raise [`SafeKeyDataError`] naming the first bad field.
+
+    With `allow_lm_only`, a row with neither offset is plain SFT data ([`validate_lm_only_row`]).
+    """
+    if not isinstance(row, dict):
+        raise SafeKeyDataError(source, number, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    if allow_lm_only and not _has_offsets(row):
+        return validate_lm_only_row(row, source, number)
     found = _lone_surrogate(row)
     if found:
         raise SafeKeyDataError(source, number, *found)
     prompt, response = _prompt_messages(row, source, number)
-    response_field = "messages" if "messages" in row and "question" not in row else "response"
+    response_field = "messages" if row.get("messages") is not None and row.get("question") is None else "response"
     if not response.startswith(THINK_OPEN) or THINK_CLOSE not in response:
         raise SafeKeyDataError(
             source, number, response_field, "no <think> block: expected '<think>\\n{trace}\\n</think>\\n\\n{answer}'"
@@ -382,6 +440,9 @@ def render(
     """
     resolved = chat_format if isinstance(chat_format, ResolvedFormat) else resolve_chat_format(tokenizer, chat_format)
     response = example.response
+    if example.lm_only and not (response.startswith(THINK_OPEN) and THINK_CLOSE in response):
+        # Plain SFT data without a reasoning trace: the whole response is the answer, after an empty trace
+        response = THINK_OPEN + THINK_CLOSE.lstrip("\n") + response
     close = response.index(THINK_CLOSE)
     trace_bounds = (min(len(THINK_OPEN), close), close)  # `<think>\n</think>\n\n`: an empty trace
     answer_start = close + len(THINK_CLOSE)
@@ -390,6 +451,8 @@ def render(
         turn = render_turn(example.prompt_messages, trace, answer, tokenizer, resolved)
     except ChatFormatError as error:
         raise SafeKeyDataError(example.source, example.row, "response", str(error)) from None
+    if example.lm_only:  # no U or K: both end where the prompt does
+        return RenderedExample(turn.text, turn.prompt_end, turn.prompt_end, turn.prompt_end)
     return RenderedExample(
         text=turn.text,
         prompt_end=turn.prompt_end,
@@ -432,6 +495,8 @@ def tokenize_example(
     encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     starts = [start for start, _ in encoding["offset_mapping"]]
     prompt_len, key_start, key_end = token_spans(starts, rendered)
+    if example.lm_only:
+        return TokenizedExample(encoding["input_ids"], prompt_len, prompt_len, prompt_len)
     if key_start == prompt_len:
         raise SafeKeyDataError(
             example.source, example.row, "summary_end_idx", "the understanding U has no token of its own"
@@ -466,7 +531,7 @@ def featurize_example(
     length = len(input_ids)
     labels = [-100] * min(prompt_len, length) + input_ids[prompt_len:]
     query_mask = [0] * min(prompt_len, length) + [1] * max(length - prompt_len, 0)
-    key_fits = key_end <= length
+    key_fits = not example.lm_only and key_end <= length
     key_mask = [0] * length
     if key_fits:
         key_mask[key_start:key_end] = [1] * (key_end - key_start)
@@ -512,7 +577,9 @@ def featurize(
         if all(label == -100 for label in feature["labels"]):
             stats.dropped_no_response += 1
             continue
-        if not any(feature["key_mask"]):
+        if example.lm_only:
+            stats.lm_only += 1
+        elif not any(feature["key_mask"]):
             stats.key_truncated += 1
         features.append(feature)
     stats.examples = len(features)

@@ -10,14 +10,15 @@ import sys
 from pathlib import Path
 
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser
 
 from .config import SafeKeyConfig, SafeKeyScriptArguments
-from .data import load_safekey_dataset
+from .data import FeaturizeStats, featurize, load_safekey_dataset
 from .export import check_safetensors_files
+from .mixture import load_mixture
 from .modeling import load_model_and_tokenizer, lora_config
 from .resources import accelerate_configs_dir, recipes_dir, resolve_dataset_path
+from .resume import resolve_resume_from_checkpoint
 from .trainer import SafeKeySFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -100,19 +101,32 @@ def parse_recipe(
 
 
 def resume_checkpoint(training_args: SafeKeyConfig) -> Path | None:
-    """The checkpoint directory `resume_from_checkpoint` names: a path, or `true` for the last one in output_dir."""
-    resume = training_args.resume_from_checkpoint
-    if resume is None or str(resume).lower() in ("false", ""):
+    """The checkpoint directory `resume_from_checkpoint` names: a path, or `true`/`auto` for the last one in
+    output_dir (none yet: None, a fresh start)."""
+    resume = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume is None:
         return None
-    if str(resume).lower() == "true" or resume is True:
-        output_dir = Path(training_args.output_dir)
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
-            raise FileNotFoundError(f"{output_dir}: no checkpoint-* directory to resume from")
-        return Path(last)
     if not Path(resume).is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint {resume}: no such checkpoint directory")
     return Path(resume)
+
+
+def load_mixture_dataset(script_args: SafeKeyScriptArguments, tokenizer, training_args: SafeKeyConfig, log_counts):
+    """Featurise a recipe's data mixture; with `test_split_size`, also hold out an evaluation set from it."""
+    examples, report = load_mixture(script_args.datasets, skip_invalid=script_args.skip_invalid)
+    dataset, stats = featurize(
+        examples,
+        tokenizer,
+        training_args.max_length,
+        skip_invalid=script_args.skip_invalid,
+        report=report.invalid,
+        chat_format=script_args.chat_format,
+    )
+    log_counts("mixture", stats, report.invalid.count)
+    if script_args.test_split_size is None:
+        return dataset, None
+    split = dataset.train_test_split(test_size=script_args.test_split_size, seed=training_args.seed)
+    return split["train"], split["test"]
 
 
 def train(
@@ -128,6 +142,17 @@ def train(
     set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
 
+    def log_counts(name: str, stats: FeaturizeStats, invalid: int) -> None:
+        logger.info(
+            "%s: %d examples (%d LM-only, %d with K cut by max_length, %d dropped, %d invalid skipped)",
+            name,
+            stats.examples,
+            stats.lm_only,
+            stats.key_truncated,
+            stats.dropped_no_response,
+            invalid,
+        )
+
     def load(name: str, split: str):
         name = resolve_dataset_path(name)
         dataset, stats, report = load_safekey_dataset(
@@ -138,18 +163,16 @@ def train(
             skip_invalid=script_args.skip_invalid,
             chat_format=script_args.chat_format,
         )
-        logger.info(
-            "%s: %d examples (%d with K cut by max_length, %d dropped, %d invalid skipped)",
-            name,
-            stats.examples,
-            stats.key_truncated,
-            stats.dropped_no_response,
-            report.count,
-        )
+        log_counts(name, stats, report.count)
         return dataset
 
-    train_dataset = load(script_args.dataset_name, script_args.dataset_train_split)
-    eval_dataset = load(script_args.eval_dataset_name, "test") if script_args.eval_dataset_name else None
+    if script_args.datasets:
+        train_dataset, eval_dataset = load_mixture_dataset(script_args, tokenizer, training_args, log_counts)
+    else:
+        train_dataset = load(script_args.dataset_name, script_args.dataset_train_split)
+        eval_dataset = None
+    if script_args.eval_dataset_name:
+        eval_dataset = load(script_args.eval_dataset_name, "test")
     trainer = SafeKeySFTTrainer(
         model=model,
         args=training_args,

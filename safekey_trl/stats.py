@@ -56,6 +56,7 @@ class DataStats:
     max_length: int | None = None
     key_cut: int = 0
     dropped: int = 0
+    lm_only: int = 0  # rows without U/K (plain SFT data in a mixture): counted, not measured
     report: InvalidRowReport = field(default_factory=InvalidRowReport)
 
 
@@ -68,9 +69,22 @@ def example_lengths(example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase)
 def compute_stats(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> DataStats:
     """Measure a SafeKey file; invalid rows are counted in `stats.report`, not measured."""
     examples, report = load_examples(path, skip_invalid=True)
+    return compute_example_stats(examples, report, tokenizer, max_length)
+
+
+def compute_example_stats(
+    examples: list[SafeKeyExample],
+    report: InvalidRowReport,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+) -> DataStats:
+    """Measure validated examples (`report`: the rows already found invalid); LM-only examples are only counted."""
     stats = DataStats(max_length=max_length, report=report)
     stats.rows = len(examples) + report.count
     for example in examples:
+        if example.lm_only:
+            stats.lm_only += 1
+            continue
         try:
             prompt_len, key_start, key_end, total = example_lengths(example, tokenizer)
         except SafeKeyDataError as error:
@@ -115,6 +129,8 @@ def render_stats(stats: DataStats, path: str = "") -> str:
     """The terminal report: counts, length distributions and histograms of U and K."""
     measured = len(stats.key_tokens)
     lines = [f"{path}: {stats.rows} rows, {measured} measured ({stats.harmful} harmful, {stats.benign} benign)"]
+    if stats.lm_only:
+        lines.append(f"  LM-only (no U/K, plain SFT): {stats.lm_only}")
     if measured:
         lines.append(f"  harmful share: {stats.harmful / measured:.1%}")
     if measured:
