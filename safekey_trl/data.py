@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 from transformers import PreTrainedTokenizerBase
 
 from .chat_formats import AUTO, ChatFormatError, ResolvedFormat, map_offset, render_turn, resolve_chat_format
@@ -546,6 +546,91 @@ def featurize_example(
     }
 
 
+FEATURE_COLUMNS = ("input_ids", "labels", *SAFEKEY_FEATURES)
+# Per-row bookkeeping columns of the `map` in `featurize`, dropped from its output
+_STATUS_COLUMNS = ("error_field", "error_message", "has_response", "has_key")
+# The column types `datasets` infers for the features (`input_ids` as int32), fixed so that a batch of error rows,
+# with empty lists, cannot change them
+_MAP_FEATURES = Features(
+    {
+        "input_ids": List(Value("int32")),
+        **{name: List(Value("int64")) for name in ("labels", "key_mask", "query_mask", "understanding_span")},
+        "prefix_end": Value("int64"),
+        "unsafe": Value("int64"),
+        "error_field": Value("string"),
+        "error_message": Value("string"),
+        "has_response": Value("bool"),
+        "has_key": Value("bool"),
+    }
+)
+
+
+def _example_record(example: SafeKeyExample) -> dict[str, Any]:
+    return {
+        "prompt_messages": example.prompt_messages,
+        "response": example.response,
+        "summary_end_idx": example.summary_end_idx,
+        "next_sentence_end_idx": example.next_sentence_end_idx,
+        "unsafe": example.unsafe,
+        "source": example.source,
+        "row": example.row,
+    }
+
+
+def _featurize_record(
+    record: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    chat_format: ResolvedFormat,
+) -> dict:
+    """The `map` function of `featurize`: one example's features, or the error it raised (in the status columns,
+    so that the main process raises or counts it in row order, whatever the number of processes)."""
+    example = SafeKeyExample(
+        prompt_messages=[{"role": turn["role"], "content": turn["content"]} for turn in record["prompt_messages"]],
+        response=record["response"],
+        summary_end_idx=record["summary_end_idx"],
+        next_sentence_end_idx=record["next_sentence_end_idx"],
+        unsafe=record["unsafe"],
+        source=record["source"],
+        row=record["row"],
+    )
+    try:
+        feature = featurize_example(example, tokenizer, max_length, chat_format)
+    except SafeKeyDataError as error:
+        empty = {name: [] for name in ("input_ids", "labels", "key_mask", "query_mask", "understanding_span")}
+        return {
+            **empty,
+            "prefix_end": 0,
+            "unsafe": 0,
+            "error_field": error.field_name,
+            "error_message": error.message,
+            "has_response": False,
+            "has_key": False,
+        }
+    return {
+        **feature,
+        "error_field": "",
+        "error_message": "",
+        "has_response": any(label != -100 for label in feature["labels"]),
+        "has_key": any(feature["key_mask"]),
+    }
+
+
+def _features_cache_file(
+    records: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, chat_format: ResolvedFormat
+) -> str:
+    """Where the datasets cache keeps the features of these records: keyed by the records, the tokenizer (its
+    vocabulary and chat template included), `max_length`, the chat format and the featurising code itself."""
+    from datasets import config
+    from datasets.fingerprint import Hasher
+
+    code = [_featurize_record, featurize_example, tokenize_example, render, render_turn]
+    key = Hasher.hash([records._fingerprint, *code, tokenizer, max_length, chat_format])
+    directory = Path(config.HF_DATASETS_CACHE) / "safekey_features"
+    directory.mkdir(parents=True, exist_ok=True)
+    return str(directory / f"features-{key}.arrow")
+
+
 def featurize(
     examples: Iterable[SafeKeyExample],
     tokenizer: PreTrainedTokenizerBase,
@@ -553,36 +638,53 @@ def featurize(
     skip_invalid: bool = False,
     report: InvalidRowReport | None = None,
     chat_format: str = AUTO,
+    num_proc: int | None = None,
 ) -> tuple[Dataset, FeaturizeStats]:
     """Featurize examples into a `datasets.Dataset` ready for [`SafeKeySFTTrainer`].
 
-    Examples whose response does not start within `max_length` have nothing to train and are dropped; those whose K
-    is cut train the LM term only. Both counts are logged and returned. A row whose U or K gets no token of its own
-    under this tokenizer raises [`SafeKeyDataError`], or is counted in `report` with `skip_invalid=True`.
+    Runs [`featurize_example`] on every example through `datasets.map`, on `num_proc` processes, and keeps the
+    result in the datasets cache (`HF_DATASETS_CACHE/safekey_features`): the same examples, tokenizer and
+    `max_length` are featurised once. Examples whose response does not start within `max_length` have nothing to
+    train and are dropped; those whose K is cut train the LM term only, as do LM-only examples. These counts are
+    logged and returned. A row whose U or K gets no token of its own under this tokenizer raises
+    [`SafeKeyDataError`] (the first such row, in order), or is counted in `report` with `skip_invalid=True`.
     """
-    stats = FeaturizeStats()
-    features = []
+    examples = list(examples)
+    stats = FeaturizeStats(rows=len(examples))
     resolved = resolve_chat_format(tokenizer, chat_format)  # once: an unknown template fails before any row
-    for example in examples:
-        stats.rows += 1
-        try:
-            feature = featurize_example(example, tokenizer, max_length, resolved)
-        except SafeKeyDataError as error:
+    if not examples:
+        return Dataset.from_dict({name: [] for name in FEATURE_COLUMNS}), stats
+    records = Dataset.from_list([_example_record(example) for example in examples])
+    mapped = records.map(
+        _featurize_record,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "chat_format": resolved},
+        remove_columns=records.column_names,
+        features=_MAP_FEATURES,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(examples) > 1 else None,
+        cache_file_name=_features_cache_file(records, tokenizer, max_length, resolved),
+        desc="Featurizing",
+    )
+    status = mapped.select_columns(list(_STATUS_COLUMNS)).to_dict()
+    keep = []
+    for index, example in enumerate(examples):
+        if status["error_field"][index]:
+            error = SafeKeyDataError(
+                example.source, example.row, status["error_field"][index], status["error_message"][index]
+            )
             if not skip_invalid:
-                raise
+                raise error
             if report is not None:
                 report.errors.append(error)
             logger.warning("skipped: %s", error)
-            continue
-        if all(label == -100 for label in feature["labels"]):
+        elif not status["has_response"][index]:
             stats.dropped_no_response += 1
-            continue
-        if example.lm_only:
-            stats.lm_only += 1
-        elif not any(feature["key_mask"]):
-            stats.key_truncated += 1
-        features.append(feature)
-    stats.examples = len(features)
+        else:
+            keep.append(index)
+            if example.lm_only:
+                stats.lm_only += 1
+            elif not status["has_key"][index]:
+                stats.key_truncated += 1
+    stats.examples = len(keep)
     if stats.key_truncated:
         logger.warning(
             "%d of %d examples have their key sentence K cut by max_length=%s: they train the LM term only.",
@@ -597,8 +699,10 @@ def featurize(
             stats.rows,
             max_length,
         )
-    columns = {name: [feature[name] for feature in features] for name in ("input_ids", "labels", *SAFEKEY_FEATURES)}
-    return Dataset.from_dict(columns), stats
+    dataset = mapped.remove_columns(list(_STATUS_COLUMNS))
+    if len(keep) < len(examples):
+        dataset = dataset.select(keep)
+    return dataset, stats
 
 
 def load_safekey_dataset(
@@ -608,15 +712,22 @@ def load_safekey_dataset(
     split: str = "train",
     skip_invalid: bool = False,
     chat_format: str = AUTO,
+    num_proc: int | None = None,
 ) -> tuple[Dataset, FeaturizeStats, InvalidRowReport]:
-    """Load, validate and featurize a SafeKey dataset in one call."""
+    """Load, validate and featurize a SafeKey dataset in one call (`num_proc`: processes featurising)."""
     examples, report = load_examples(path_or_name, split=split, skip_invalid=skip_invalid)
     if not examples:
         raise ValueError(
             f"{path_or_name}: no valid rows to train on" + (f"\n{report.summary()}" if report.count else "")
         )
     dataset, stats = featurize(
-        examples, tokenizer, max_length, skip_invalid=skip_invalid, report=report, chat_format=chat_format
+        examples,
+        tokenizer,
+        max_length,
+        skip_invalid=skip_invalid,
+        report=report,
+        chat_format=chat_format,
+        num_proc=num_proc,
     )
     if not len(dataset):
         reasons = [f"{stats.dropped_no_response} dropped: the prompt alone fills max_length={max_length}"]

@@ -121,6 +121,7 @@ def load_mixture_dataset(script_args: SafeKeyScriptArguments, tokenizer, trainin
         skip_invalid=script_args.skip_invalid,
         report=report.invalid,
         chat_format=script_args.chat_format,
+        num_proc=training_args.dataset_num_proc,
     )
     log_counts("mixture", stats, report.invalid.count)
     if script_args.test_split_size is None:
@@ -162,6 +163,7 @@ def train(
             split=split,
             skip_invalid=script_args.skip_invalid,
             chat_format=script_args.chat_format,
+            num_proc=training_args.dataset_num_proc,
         )
         log_counts(name, stats, report.count)
         return dataset

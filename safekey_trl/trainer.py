@@ -128,7 +128,7 @@ class SafeKeySFTTrainer(SFTTrainer):
     @staticmethod
     def _featurize_if_needed(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: SafeKeyConfig) -> Any:
         if isinstance(dataset, list) and dataset and isinstance(dataset[0], SafeKeyExample):
-            dataset, _ = featurize(dataset, tokenizer, args.max_length)
+            dataset, _ = featurize(dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc)
         if isinstance(dataset, Dataset):
             missing = [name for name in ("input_ids", "labels", *SAFEKEY_FEATURES) if name not in dataset.column_names]
             if missing:

@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tiny model is saved once per test session here rather than under the user's home
 os.environ.setdefault("SAFEKEY_TRL_CACHE", tempfile.mkdtemp(prefix="safekey-tiny-"))
+# Featurised datasets are cached under the datasets cache: a fresh one per test session
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="safekey-datasets-"))
 
 from pathlib import Path  # noqa: E402
 
