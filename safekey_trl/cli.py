@@ -33,7 +33,7 @@ def _bad_input(invalid_hint: str = "") -> Iterator[None]:
     except SafeKeyDataError as error:
         console.print(f"[red]invalid:[/red] {escape(str(error))}{invalid_hint}")
         raise typer.Exit(1) from None
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
 

@@ -19,6 +19,7 @@ from .mixture import load_mixture
 from .modeling import load_model_and_tokenizer, lora_config
 from .resources import accelerate_configs_dir, recipes_dir, resolve_dataset_path
 from .resume import resolve_resume_from_checkpoint
+from .tracking import check_trackers_installed
 from .trainer import SafeKeySFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ def train(
     script_args: SafeKeyScriptArguments, training_args: SafeKeyConfig, model_args: ModelConfig
 ) -> SafeKeySFTTrainer:
     """Run a SafeKey training and save the final model; returns the trainer."""
+    # A tracker the recipe asks for must be there before minutes go into loading a model
+    check_trackers_installed(training_args.report_to)
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {output_dir}: exists and is not a directory")

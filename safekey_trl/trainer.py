@@ -29,6 +29,7 @@ from .heads import (
 from .lm_head import add_tiled_lm_head, supports_tiled_lm_head
 from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
 from .resume import check_checkpoint_settings, resolve_resume_from_checkpoint, save_safekey_settings
+from .tracking import route_safekey_terms
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class SafeKeySFTTrainer(SFTTrainer):
         attach_safety_head(causal_lm, safety_head.to(self.args.device), self._head_outputs)
         self._auxiliary_normalizers: torch.Tensor | None = None
         self._term_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+        # Trackers show the SafeKey terms in their own panel (`safekey/qmm_loss`, ...)
+        route_safekey_terms(self.callback_handler.callbacks)
 
     @staticmethod
     def _featurize_if_needed(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: SafeKeyConfig) -> Any:
