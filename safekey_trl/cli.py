@@ -127,13 +127,21 @@ def export_command(
     out: Annotated[str, typer.Option(help="Directory to write the exported model to.")],
     merge: Annotated[bool, typer.Option(help="Merge a LoRA adapter into the base weights.")] = False,
     dtype: Annotated[str, typer.Option(help="dtype of merged weights: bfloat16, float16 or float32.")] = "bfloat16",
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option("--push-to-hub", "--push_to_hub", help="Also upload the export to this Hub repo (user/name)."),
+    ] = None,
+    private: Annotated[bool, typer.Option(help="Create the Hub repo private.")] = False,
 ) -> None:
-    """Export a run: the model (or LoRA adapter, or adapter merged into the base) and its safety head beside it."""
+    """Export a run: the model (or LoRA adapter, or adapter merged into the base), its safety head beside it and
+    SafeKey's model card; `--push-to-hub REPO` uploads them."""
     from .export import export
 
     with _bad_input():
-        path = export(run_dir, out, merge=merge, dtype=dtype)
+        path = export(run_dir, out, merge=merge, dtype=dtype, push_to_hub=push_to_hub, private=private or None)
     console.print(f"exported to {path} (model loads with AutoModelForCausalLM; head in safekey_head.safetensors)")
+    if push_to_hub is not None:
+        console.print(f"pushed to https://huggingface.co/{push_to_hub}")
 
 
 @app.command("recipes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,14 +11,27 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .heads import HEAD_ATTRIBUTE, HEAD_WEIGHTS_NAME
+from .model_card import RunFacts, render_model_card
+from .resume import SAFEKEY_SETTINGS_NAME, load_safekey_settings
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json")
 
 
-def export(run_dir: str | Path, out_dir: str | Path, merge: bool = False, dtype: str = "bfloat16") -> Path:
+def export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    merge: bool = False,
+    dtype: str = "bfloat16",
+    push_to_hub: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+) -> Path:
     """Write a run's model to `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained`, with no head weights
-    in it, and the head beside it in `safekey_head.safetensors`.
+    in it, the head beside it in `safekey_head.safetensors`, and SafeKey's model card in `README.md`; optionally
+    upload the lot to a Hub repository.
 
     Args:
         run_dir: A run's `output_dir` or one of its `checkpoint-*` directories.
@@ -25,6 +39,9 @@ def export(run_dir: str | Path, out_dir: str | Path, merge: bool = False, dtype:
         merge: For a LoRA run, merge the adapter into the base weights (loaded unquantized in `dtype`) instead of
             exporting the adapter alone. A full fine-tune has nothing to merge.
         dtype: The dtype of the merged weights.
+        push_to_hub: A Hub repository id (`user/name`) to upload the export to; created if missing.
+        private: Create that repository private (no effect on an existing one).
+        token: A Hub token with write access; default: the logged-in one.
     """
     run, out = Path(run_dir), Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -55,6 +72,13 @@ def export(run_dir: str | Path, out_dir: str | Path, merge: bool = False, dtype:
     AutoTokenizer.from_pretrained(str(run)).save_pretrained(str(out))
     shutil.copy2(head_file, out / HEAD_WEIGHTS_NAME)
     _check_no_head_weights(out)
+    write_model_card(run, out, adapter=is_adapter and not merge, repo_id=push_to_hub)
+    if push_to_hub is not None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(push_to_hub, private=private, exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo_id, folder_path=str(out), commit_message="Upload SafeKey model")
     return out
 
 
@@ -67,6 +91,19 @@ def check_safetensors_files(directory: str | Path) -> None:
                 handle.keys()
         except Exception as error:  # safetensors raises its own SafetensorError, and OSError
             raise ValueError(f"{weights}: not a readable safetensors file ({error}); it may be truncated") from None
+
+
+def write_model_card(run: Path, out: Path, adapter: bool, repo_id: str | None = None) -> Path | None:
+    """Write SafeKey's model card for an export, from the run facts the trainer saved in `safekey_config.json`."""
+    saved = load_safekey_settings(run)
+    if saved is None:  # a run from before the settings were saved: no card rather than one with blanks
+        logger.warning("%s: no %s, so no model card is written.", run, SAFEKEY_SETTINGS_NAME)
+        return None
+    run_facts = saved.pop("run", None) or {}
+    facts = RunFacts.from_dict({**run_facts, "settings": saved, "adapter": adapter})
+    path = out / "README.md"
+    path.write_text(render_model_card(facts, repo_id=repo_id), encoding="utf-8")
+    return path
 
 
 def _check_no_head_weights(directory: Path) -> None:

@@ -36,11 +36,13 @@ def safekey_settings(args: Any) -> dict[str, Any]:
     return {name: getattr(args, name) for name in SAFEKEY_SETTING_FIELDS}
 
 
-def save_safekey_settings(args: Any, directory: str | Path) -> Path:
-    """Write `directory/safekey_config.json`."""
+def save_safekey_settings(args: Any, directory: str | Path, run: dict[str, Any] | None = None) -> Path:
+    """Write `directory/safekey_config.json`: the settings, and under `"run"` what the model card states about the
+    run (data, final losses), so that `safekey-trl export` can write the same card."""
     path = Path(directory) / SAFEKEY_SETTINGS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(safekey_settings(args), indent=2) + "\n", encoding="utf-8")
+    content = {**safekey_settings(args), **({"run": run} if run is not None else {})}
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -15,7 +15,7 @@ from trl import ModelConfig, TrlParser
 from .config import SafeKeyConfig, SafeKeyScriptArguments
 from .data import FeaturizeStats, featurize, load_safekey_dataset
 from .export import check_safetensors_files
-from .mixture import load_mixture
+from .mixture import dataset_label, load_mixture
 from .modeling import load_model_and_tokenizer, lora_config
 from .resources import accelerate_configs_dir, recipes_dir, resolve_dataset_path
 from .resume import resolve_resume_from_checkpoint
@@ -186,11 +186,21 @@ def train(
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
     )
+    if script_args.datasets:
+        trainer.dataset_names = [dataset_label(config) for config in script_args.datasets]
+    else:
+        trainer.dataset_names = [script_args.dataset_name]
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     if trainer.is_fsdp_enabled:
         # Gather the shards for the final save, so the exported model is plain safetensors
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(model_name=Path(training_args.output_dir).name)
     if trainer.accelerator.is_main_process:
-        logger.info("Saved the model to %s and its safety head beside it.", training_args.output_dir)
+        logger.info("Saved the model to %s, its safety head and model card beside it.", training_args.output_dir)
+    if training_args.push_to_hub:
+        # The clean model (or adapter), the head file, the tokenizer and SafeKey's card; not the checkpoints
+        trainer.push_to_hub()
+        if trainer.accelerator.is_main_process:
+            logger.info("Pushed to the Hub: %s", trainer.hub_model_id)
     return trainer

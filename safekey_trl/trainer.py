@@ -28,7 +28,8 @@ from .heads import (
 )
 from .lm_head import add_tiled_lm_head, supports_tiled_lm_head
 from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
-from .resume import check_checkpoint_settings, resolve_resume_from_checkpoint, save_safekey_settings
+from .model_card import RunFacts, final_terms, render_model_card
+from .resume import check_checkpoint_settings, resolve_resume_from_checkpoint, safekey_settings, save_safekey_settings
 from .tracking import route_safekey_terms
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class SafeKeySFTTrainer(SFTTrainer):
         self._term_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         # Trackers show the SafeKey terms in their own panel (`safekey/qmm_loss`, ...)
         route_safekey_terms(self.callback_handler.callbacks)
+        # The training data's names, for the model card (`sft.train` sets them; `create_model_card` adds its own)
+        self.dataset_names: list[str] = []
 
     @staticmethod
     def _featurize_if_needed(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: SafeKeyConfig) -> Any:
@@ -378,8 +381,55 @@ class SafeKeySFTTrainer(SFTTrainer):
         head_state, model_state = split_head_state(state_dict)
         if self.args.should_save and head_state:
             save_head_state(head_state, output_dir)
-            save_safekey_settings(self.args, output_dir)
+            save_safekey_settings(self.args, output_dir, run=self.run_facts().to_dict())
         super()._save(output_dir, state_dict=model_state)
+
+    def run_facts(self) -> RunFacts:
+        """What the model card states: settings, base model, data and its label balance, final per-term losses."""
+        model = self.accelerator.unwrap_model(self.model)
+        adapter = hasattr(model, "peft_config")
+        if adapter:
+            base_model = next(iter(model.peft_config.values())).base_model_name_or_path
+        else:
+            base_model = self._causal_lm().config._name_or_path
+        facts = RunFacts(
+            settings=safekey_settings(self.args),
+            # A local directory names nothing a reader could load
+            base_model=base_model if base_model and not Path(base_model).is_dir() else None,
+            adapter=adapter,
+            datasets=list(self.dataset_names),
+            training={
+                "num_train_epochs": self.args.num_train_epochs,
+                "learning_rate": self.args.learning_rate,
+                "effective_batch_size": self.args.per_device_train_batch_size
+                * self.args.gradient_accumulation_steps
+                * self.args.world_size,
+                "max_length": self.args.max_length,
+            },
+            final=final_terms(self.state.log_history),
+        )
+        if isinstance(self.train_dataset, Dataset):
+            has_key = [end > 0 for end in self.train_dataset["prefix_end"]]
+            unsafe = self.train_dataset["unsafe"]
+            facts.examples = len(has_key)
+            facts.harmful = sum(key and bool(label) for key, label in zip(has_key, unsafe, strict=True))
+            facts.benign = sum(has_key) - facts.harmful
+            facts.lm_only = facts.examples - sum(has_key)
+        return facts
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """Write SafeKey's own model card to `output_dir/README.md` (what `push_to_hub` uploads): the SafeKey
+        settings, the data and its harmful/benign balance, the final per-term losses, the head file, how to load."""
+        if not self.is_world_process_zero():
+            return
+        if dataset_name and dataset_name not in self.dataset_names:
+            self.dataset_names.append(dataset_name)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = render_model_card(self.run_facts(), repo_id=self.hub_model_id or model_name, tags=tags)
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.args.output_dir) / "README.md").write_text(card, encoding="utf-8")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

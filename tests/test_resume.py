@@ -37,6 +37,7 @@ def _run_with_checkpoints(tmp_path, make_model, tokenizer, examples, **overrides
 def test_auto_resume_continues_from_the_last_checkpoint(tmp_path, make_model, tokenizer, examples):
     _run_with_checkpoints(tmp_path, make_model, tokenizer, examples)
     saved = json.loads((tmp_path / "checkpoint-2" / SAFEKEY_SETTINGS_NAME).read_text())
+    assert saved.pop("run")["final"]["lm_loss"] > 0  # what the model card states, beside the settings
     assert saved == {
         "qmm_weight": 0.2,
         "head_weight": 0.2,
