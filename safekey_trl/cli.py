@@ -15,10 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from .cli_style import TRL_STYLE, recipe_fields_help
 from .data import SafeKeyDataError, featurize, load_examples, tokenize_example
 
-app = typer.Typer(help="SafeKey safety alignment for reasoning models, on TRL.", no_args_is_help=True)
-data_app = typer.Typer(help="Check, convert, annotate and look at SafeKey-format data.", no_args_is_help=True)
+# TRL's flag style everywhere: `--max_length`, `--skip_invalid true`; the dashed spellings are hidden aliases
+app = typer.Typer(help="SafeKey safety alignment for reasoning models, on TRL.", no_args_is_help=True, **TRL_STYLE)
+data_app = typer.Typer(
+    help="Check, convert, annotate and look at SafeKey-format data.", no_args_is_help=True, **TRL_STYLE
+)
 app.add_typer(data_app, name="data")
 # No hard wrapping: an error line keeps its file, row and field in one piece
 console = Console(soft_wrap=True)
@@ -43,11 +47,16 @@ TokenizerOption = Annotated[
 ]
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=recipe_fields_help())
 def train(
     ctx: typer.Context,
     recipe: Annotated[
-        str, typer.Option(help="Recipe name under recipes/ (e.g. tiny, qwen7b) or a YAML path.")
+        str,
+        typer.Option(
+            "--config",
+            "--recipe",
+            help="Recipe name under recipes/ (e.g. tiny, qwen7b) or a YAML path (TRL: --config).",
+        ),
     ] = "tiny",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print trainable parameters and a GPU memory estimate, then stop.")
@@ -129,12 +138,12 @@ def export_command(
     dtype: Annotated[str, typer.Option(help="dtype of merged weights: bfloat16, float16 or float32.")] = "bfloat16",
     push_to_hub: Annotated[
         str | None,
-        typer.Option("--push-to-hub", "--push_to_hub", help="Also upload the export to this Hub repo (user/name)."),
+        typer.Option(help="Also upload the export to this Hub repo (user/name)."),
     ] = None,
     private: Annotated[bool, typer.Option(help="Create the Hub repo private.")] = False,
 ) -> None:
     """Export a run: the model (or LoRA adapter, or adapter merged into the base), its safety head beside it and
-    SafeKey's model card; `--push-to-hub REPO` uploads them."""
+    SafeKey's model card; `--push_to_hub REPO` uploads them."""
     from .export import export
 
     with _bad_input():
@@ -501,7 +510,7 @@ def annotate(
         console.print(f"[red]error:[/red] --method must be one of {', '.join(METHODS)}")
         raise typer.Exit(2)
     settings = None
-    with _bad_input("\n(use --skip-invalid to set such rows aside)"):
+    with _bad_input("\n(use --skip_invalid to set such rows aside)"):
         if method == "llm":
             settings = resolve_llm_settings(
                 base_url, model, api_key, concurrency=concurrency, timeout=timeout, max_retries=retries
