@@ -308,11 +308,11 @@ def validate_row(row: Any, source: str, number: int, allow_lm_only: bool = False
     """
     if not isinstance(row, dict):
         raise SafeKeyDataError(source, number, "<row>", f"expected a JSON object, got {type(row).__name__}")
-    if allow_lm_only and not _has_offsets(row):
-        return validate_lm_only_row(row, source, number)
     found = _lone_surrogate(row)
     if found:
         raise SafeKeyDataError(source, number, *found)
+    if allow_lm_only and not _has_offsets(row):
+        return validate_lm_only_row(row, source, number)
     prompt, response = _prompt_messages(row, source, number)
     response_field = "messages" if row.get("messages") is not None and row.get("question") is None else "response"
     if not response.startswith(THINK_OPEN) or THINK_CLOSE not in response:
