@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from accelerate.parallelism_config import ParallelismConfig
 from trl import DatasetMixtureConfig, SFTConfig
 from trl.scripts.utils import DatasetConfig
 
@@ -92,15 +93,59 @@ class SafeKeyConfig(SFTConfig):
                 f"`auxiliary_epochs` ({self.auxiliary_epochs}) is more than `num_train_epochs` "
                 f"({self.num_train_epochs}): the auxiliary terms run during the last `auxiliary_epochs` epochs."
             )
-        if self.packing or self.padding_free:
-            raise ValueError(
-                "SafeKey needs each example's U and K spans in their own row: set `packing=False` and "
-                "`padding_free=False`."
-            )
+        self._refuse_what_safekey_cannot_train_with()
         if self.truncation_mode != "keep_start":
             raise ValueError(
                 "SafeKey truncates on the right (`truncation_mode='keep_start'`), so that U and K survive."
             )
+
+    def _refuse_what_safekey_cannot_train_with(self) -> None:
+        """Stop at start-up on an `SFTConfig` switch that would drop, shift or duplicate SafeKey's spans and masks."""
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "SafeKey does not support `packing` or `padding_free` yet: its K and U spans, query mask and the "
+                "query-masked pass are laid out per row of a padded batch, and a flattened row would mix examples. "
+                "Set `packing=False` and `padding_free=False` (lower `per_device_train_batch_size` and raise "
+                "`gradient_accumulation_steps` to save the padding's memory)."
+            )
+        if self.use_liger_kernel:
+            raise ValueError(
+                "SafeKey does not support `use_liger_kernel`: Liger's kernels patch the model's forward, which "
+                "SafeKey's query-masked pass and safety head run through and which has not been checked with them "
+                "(TRL 1.16 deprecates the flag). Set `use_liger_kernel=False`."
+            )
+        if self.assistant_only_loss:
+            raise ValueError(
+                "`assistant_only_loss` does not apply to SafeKey: its rows are tokenized by SafeKey, whose labels "
+                "already cover the assistant's response only (the prompt is -100). Set `assistant_only_loss=False`."
+            )
+        if self.completion_only_loss is False:
+            raise ValueError(
+                "SafeKey always trains on the response only (its labels mask the prompt), so "
+                "`completion_only_loss=False` cannot be honoured: leave it unset (or True)."
+            )
+        refuse_sequence_sharding(self.parallelism_config)
+
+
+def refuse_sequence_sharding(parallelism_config: ParallelismConfig | None) -> None:
+    """Stop on context or sequence parallelism: either splits each row's sequence across processes, while SafeKey's
+    query mask needs the per-layer attention mask (context parallelism drops it for plain causal attention) and its
+    spans index the whole row. Called on the config's and on the accelerator's parallelism config (an accelerate YAML
+    sets only the latter)."""
+    if parallelism_config is None:
+        return
+    if parallelism_config.cp_enabled:
+        raise ValueError(
+            f"SafeKey does not support context parallelism (cp_size={parallelism_config.cp_size}): it drops the "
+            "per-layer attention mask and would silently train the query-masked pass with the query visible. Set "
+            "`cp_size` to 1."
+        )
+    if parallelism_config.sp_enabled:
+        raise ValueError(
+            f"SafeKey does not support sequence parallelism (sp_size={parallelism_config.sp_size}): it splits each "
+            "row across processes, while SafeKey's K and U spans and its query-masked pass index the whole row. Set "
+            "`sp_size` to 1."
+        )
 
 
 @dataclass

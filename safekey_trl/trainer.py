@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .config import SafeKeyConfig
+from .config import SafeKeyConfig, refuse_sequence_sharding
 from .data import SAFEKEY_FEATURES, SafeKeyExample, featurize
 from .heads import (
     HEAD_ATTRIBUTE,
@@ -109,6 +109,8 @@ class SafeKeySFTTrainer(SFTTrainer):
             processing_class=processing_class,
             **kwargs,
         )
+        # An accelerate YAML sets context/sequence parallelism on the accelerator only, not on `args`
+        refuse_sequence_sharding(self.accelerator.parallelism_config)
         causal_lm = self._causal_lm()
         # `SFTTrainer.__init__` gave the model TRL's fused LM head; off Triton devices the tiled kernel serves it
         if args.lm_head_kernel != "trl":
