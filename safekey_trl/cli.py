@@ -99,12 +99,12 @@ def train(
             # the launched processes got the Ctrl-C too, and each reports the last checkpoint itself
             raise typer.Exit(130) from None
     with _bad_input():
-        script_args, training_args, model_args = parse_recipe(recipe, list(ctx.args))
         if dry_run:
-            from .plan import plan_training
+            from .plan import plan_recipe
 
-            console.print(plan_training(training_args, model_args).render())
+            console.print(plan_recipe(recipe, list(ctx.args)).render(), markup=False)
             return
+        script_args, training_args, model_args = parse_recipe(recipe, list(ctx.args))
         # Fail now, not in the first step, when the attention kernel asked for cannot run here
         resolve_attn_implementation(model_args.attn_implementation)
     with _bad_input("\n(use --skip_invalid true to skip such rows with a report)"):

@@ -1,5 +1,12 @@
-"""`safekey-trl train --dry-run`: what a recipe will train and roughly how much GPU memory it needs, before any
-weight is loaded (the model is built on the meta device from its config)."""
+"""`safekey-trl train --dry-run`: what a recipe will train, roughly how much GPU memory it needs, and what SafeKey's
+terms (and the reference's way of computing them) add to a plain SFT step, before any weight is loaded (the model is
+built on the meta device from its config). It runs on a machine without a GPU.
+
+The cost model counts multiply-adds (MACs) of a decoder-only transformer per token: the linear layers (attention
+projections and the gated MLP), causal attention (scores and weighted sum, which grow with the position), and the LM
+head. A training step is a forward pass, the input gradients (as much again) and, for trained weights, the weight
+gradients (as much again); gradient checkpointing runs the layers' forward once more.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +26,194 @@ FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
 # Activation bytes per token per hidden unit of one transformer layer in 16-bit with flash/sdpa attention
 # (Korthikanti et al., 2022: 34·s·b·h per layer, without the attention-score matrix)
 LAYER_ACTIVATION_FACTOR = 34
-# Share of the sequence the query-masked pass runs over (K ends near 10-15% of real traces)
+# Where K ends, as a share of the sequence: the query-masked pass runs up to there. An assumption: K (the sentence
+# after the understanding summary) ends within the first 10-15% of real reasoning traces; the benchmark puts it at
+# 12.5%.
 QMM_SEQUENCE_SHARE = 0.15
+# K is one sentence: its tokens are the only positions the query-masked pass projects through the LM head
+KEY_TOKENS = 32
+# Bytes a full-logits loss holds per logit: 16-bit logits, their float32 copy for the loss and its float32 gradient
+# (on a CPU in float32, `docs/benchmarks.md` measures about three float32 copies: 12 bytes)
+FULL_LOGIT_BYTES = 10
+# Bytes per K logit in the query-masked pass: float32 logits and their gradient
+KEY_LOGIT_BYTES = 8
 GIB = 2**30
+
+# The paper's models, so that `--dry-run` works offline (a laptop or a login node without the Hub cache): the
+# shape fields of their `config.json`
+KNOWN_CONFIGS: dict[str, tuple[str, dict[str, int | bool]]] = {
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": (
+        "qwen2",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": (
+        "qwen2",
+        dict(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=48,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer with grouped-query attention and a gated (SwiGLU) MLP."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int | None = None
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelShape:
+        text = config.get_text_config()
+        return cls(
+            hidden=text.hidden_size,
+            intermediate=text.intermediate_size,
+            layers=text.num_hidden_layers,
+            heads=text.num_attention_heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            vocab=text.vocab_size,
+            head_dim=getattr(text, "head_dim", None),
+        )
+
+    @property
+    def attention_width(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    def linear_macs_per_token(self) -> int:
+        """Every layer's projections: q and o (hidden × attention width), k and v (hidden × KV width), and the MLP's
+        gate, up and down (3 × hidden × intermediate)."""
+        kv_width = self.kv_heads * (self.head_dim or self.hidden // self.heads)
+        per_layer = 2 * self.hidden * self.attention_width + 2 * self.hidden * kv_width
+        per_layer += 3 * self.hidden * self.intermediate
+        return self.layers * per_layer
+
+    def attention_macs(self, length: int) -> int:
+        """Causal attention over a `length`-token sequence, every layer: position t attends to t + 1 positions, in
+        the scores (q·k) and the weighted sum (p·v)."""
+        return self.layers * 2 * self.attention_width * length * (length + 1) // 2
+
+    def head_macs_per_token(self) -> int:
+        """The LM head: hidden × vocabulary per projected position."""
+        return self.hidden * self.vocab
+
+    def forward_macs(self, length: int, projected: int | None = None) -> int:
+        """One forward over `length` tokens, `projected` of them (all by default) through the LM head."""
+        projected = length if projected is None else projected
+        return (
+            length * self.linear_macs_per_token()
+            + self.attention_macs(length)
+            + projected * self.head_macs_per_token()
+        )
+
+    def head_share(self, length: int) -> float:
+        """The LM head's share of a forward's multiply-adds over `length` tokens."""
+        return length * self.head_macs_per_token() / self.forward_macs(length)
+
+
+def training_step_macs(
+    shape: ModelShape,
+    length: int,
+    projected: int | None = None,
+    train_weights: bool = True,
+    train_head: bool = True,
+    recompute: bool = False,
+) -> int:
+    """Multiply-adds of a forward and backward over `length` tokens (`projected` through the LM head).
+
+    Backward: the input gradients cost a forward again, and the weight gradients of trained weights once more;
+    attention has no weights, its backward costs two forwards. `recompute` (gradient checkpointing) runs the layers'
+    forward a second time (not the LM head, which comes after the last checkpoint).
+    """
+    projected = length if projected is None else projected
+    linear = length * shape.linear_macs_per_token()
+    attention = shape.attention_macs(length)
+    head = projected * shape.head_macs_per_token()
+    layer_passes = 2 + (1 if train_weights else 0) + (1 if recompute else 0)
+    attention_passes = 3 + (1 if recompute else 0)
+    head_passes = 2 + (1 if train_head else 0)
+    return linear * layer_passes + attention * attention_passes + head * head_passes
+
+
+@dataclass
+class StepCosts:
+    """Compute (multiply-adds) and memory (bytes) of one micro-batch step per process: plain SFT, and what SafeKey
+    and the reference's way of computing the same loss add to it."""
+
+    tokens: int
+    key_end: int
+    key_tokens: int
+    plain_macs: float
+    safekey_extra_macs: float
+    reference_extra_macs: float
+    plain_memory: float
+    safekey_extra_memory: float
+    reference_extra_memory: float
+
+    def render(self) -> list[str]:
+        def row(name: str, macs: float, memory: float, base_macs: float, base_memory: float) -> str:
+            return (
+                f"  {name:<26}{'+' if base_macs else ' '}{2 * macs / 1e12:9.1f}"
+                + (f" ({100 * macs / base_macs:+.1f}%)" if base_macs else " " * 10)
+                + f"   {'+' if base_memory else ' '}{memory / GIB:7.2f}"
+                + (f" ({100 * memory / base_memory:+.1f}%)" if base_memory else "")
+            )
+
+        return [
+            f"cost of one step over {self.tokens:,} tokens per process (TFLOP = 2 x multiply-adds; memory in GiB):",
+            f"  {'':<26}{'TFLOP':>10}{'':10}   {'GiB':>8}",
+            row("plain SFT (TRL)", self.plain_macs, self.plain_memory, 0, 0),
+            row(
+                "SafeKey adds", self.safekey_extra_macs, self.safekey_extra_memory, self.plain_macs, self.plain_memory
+            ),
+            row(
+                "the reference's way adds",
+                self.reference_extra_macs,
+                self.reference_extra_memory,
+                self.plain_macs,
+                self.plain_memory,
+            ),
+            f"  SafeKey: the query-masked pass over the first {self.key_end:,} tokens of each sequence (K assumed to "
+            f"end at {QMM_SEQUENCE_SHARE:.0%} of it), {self.key_tokens} K tokens through the head, the safety head.",
+            "  The reference's way: a second full-length forward with full logits, and full logits (not the fused "
+            f"head) in both passes ({FULL_LOGIT_BYTES} bytes a logit); its `output_hidden_states` keeps only what the "
+            "backward keeps anyway.",
+        ]
 
 
 @dataclass
 class TrainingPlan:
-    """Parameter counts and a per-process GPU memory estimate, in bytes."""
+    """Parameter counts, a per-process GPU memory estimate in bytes, and the step costs of SafeKey's terms."""
 
     model: str
     total_params: int
@@ -36,12 +223,21 @@ class TrainingPlan:
     gradients: float
     optimizer: float
     activations: float
+    query_masked_pass: float
     lm_head_buffers: float
+    costs: StepCosts
     notes: list[str]
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.lm_head_buffers
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.query_masked_pass
+            + self.lm_head_buffers
+        )
 
     def render(self) -> str:
         lines = [
@@ -50,18 +246,20 @@ class TrainingPlan:
             f"({100 * self.trainable_params / max(self.total_params, 1):.2f}%), of which the safety head "
             f"{self.head_params:,}",
             "GPU memory estimate per process (GiB):",
-            f"  weights          {self.weights / GIB:8.2f}",
-            f"  gradients        {self.gradients / GIB:8.2f}",
-            f"  AdamW states     {self.optimizer / GIB:8.2f}",
-            f"  activations      {self.activations / GIB:8.2f}",
-            f"  LM-head buffers  {self.lm_head_buffers / GIB:8.2f}",
-            f"  total            {self.total / GIB:8.2f}",
+            f"  weights            {self.weights / GIB:8.2f}",
+            f"  gradients          {self.gradients / GIB:8.2f}",
+            f"  AdamW states       {self.optimizer / GIB:8.2f}",
+            f"  activations        {self.activations / GIB:8.2f}",
+            f"  query-masked pass  {self.query_masked_pass / GIB:8.2f}",
+            f"  LM-head buffers    {self.lm_head_buffers / GIB:8.2f}",
+            f"  total              {self.total / GIB:8.2f}",
+            *self.costs.render(),
         ]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
-def _model_config(model_args: ModelConfig, trust_remote_code: bool) -> PretrainedConfig:
+def _model_config(model_args: ModelConfig, trust_remote_code: bool, notes: list[str]) -> PretrainedConfig:
     name = model_args.model_name_or_path
     if is_tiny_model_name(name):
         return tiny_config(build_tiny_tokenizer(), tiny_architecture(name))
@@ -70,6 +268,10 @@ def _model_config(model_args: ModelConfig, trust_remote_code: bool) -> Pretraine
             name, revision=model_args.model_revision, trust_remote_code=trust_remote_code
         )
     except OSError as error:
+        if name in KNOWN_CONFIGS:
+            model_type, fields = KNOWN_CONFIGS[name]
+            notes.append(f"{name}'s config could not be read (offline?): planned with its built-in shape")
+            return AutoConfig.for_model(model_type, **fields)
         raise ValueError(f"Cannot read the config of {name!r} (offline, or no such model): {error}") from None
 
 
@@ -85,17 +287,25 @@ def _lora_params(model: nn.Module, model_args: ModelConfig) -> int:
     return count
 
 
+def _activation_bytes(tokens: int, hidden: int, layers: int, act_bytes: int, checkpointing: bool) -> float:
+    if checkpointing:
+        # Each layer keeps its input; one layer at a time is recomputed with its full activations
+        return tokens * hidden * act_bytes * layers + tokens * hidden * LAYER_ACTIVATION_FACTOR
+    return tokens * hidden * LAYER_ACTIVATION_FACTOR * layers * act_bytes / 2
+
+
 def plan_training(training_args: SafeKeyConfig, model_args: ModelConfig) -> TrainingPlan:
-    """Count what a recipe trains and estimate the GPU memory of one process, from the model's config alone."""
-    config = _model_config(model_args, training_args.trust_remote_code)
+    """Count what a recipe trains and estimate the GPU memory of one process and the cost of SafeKey's terms, from
+    the model's config alone."""
+    notes: list[str] = []
+    config = _model_config(model_args, training_args.trust_remote_code, notes)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    text_config = config.get_text_config()
-    hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
+    shape = ModelShape.from_config(config)
+    hidden, layers = shape.hidden, shape.layers
     total = sum(parameter.numel() for parameter in model.parameters())
     head = 2 * (hidden + 1)
     dtype_bytes = 4 if model_args.dtype in (None, "float32") else 2
-    notes = []
     if model_args.use_peft:
         trainable = _lora_params(model, model_args) + head
         # 4-bit nf4 weights with double quantization: about 4.13 bits a parameter
@@ -108,19 +318,47 @@ def plan_training(training_args: SafeKeyConfig, model_args: ModelConfig) -> Trai
         gradients = trainable * dtype_bytes
         notes.append("under ZeRO-3 or FSDP the weights, gradients and AdamW states divide by the number of GPUs")
     optimizer = trainable * 8  # AdamW: two float32 moments
-    tokens = training_args.per_device_train_batch_size * (training_args.max_length or 1024)
+    weights += head * 4  # the safety head, in float32
+    batch = training_args.per_device_train_batch_size
+    length = training_args.max_length or 1024
+    tokens = batch * length
     act_bytes = 2 if (training_args.bf16 or training_args.fp16) else 4
-    if training_args.gradient_checkpointing:
-        # Each layer keeps its input; one layer at a time is recomputed with its full activations
-        activations = tokens * hidden * act_bytes * layers + tokens * hidden * LAYER_ACTIVATION_FACTOR
-    else:
-        activations = tokens * hidden * LAYER_ACTIVATION_FACTOR * layers * act_bytes / 2
-    activations *= 1 + QMM_SEQUENCE_SHARE
+    checkpointing = bool(training_args.gradient_checkpointing)
+    activations = _activation_bytes(tokens, hidden, layers, act_bytes, checkpointing)
     # A forward and a backward tile of the fused head
-    lm_head_buffers = 2 * 4 * min(tokens, FUSED_TILE_TOKENS) * min(text_config.vocab_size, FUSED_TILE_VOCAB)
+    lm_head_buffers = 2 * 4 * min(tokens, FUSED_TILE_TOKENS) * min(shape.vocab, FUSED_TILE_VOCAB)
+
+    key_end = max(1, round(QMM_SEQUENCE_SHARE * length))
+    key_tokens = min(KEY_TOKENS, key_end)
+    train_weights = not model_args.use_peft  # LoRA's own weights are a rounding error next to the frozen ones
+    step = dict(train_weights=train_weights, train_head=train_weights, recompute=checkpointing)
+    plain_macs = batch * training_step_macs(shape, length, **step)
+    # The query-masked pass: the layers up to K's end, K's tokens through the LM head; the safety head pools the
+    # hidden states up to K (one multiply-add per hidden unit per token, forward and backward) and projects twice
+    safekey_macs = batch * (training_step_macs(shape, key_end, projected=key_tokens, **step) + 2 * key_end * hidden)
+    query_masked_pass = _activation_bytes(batch * key_end, hidden, layers, act_bytes, checkpointing)
+    query_masked_pass += batch * key_tokens * shape.vocab * KEY_LOGIT_BYTES
+    # The safety head's float32 weights, its gradients (counted at the trainable parameters' width) and AdamW moments
+    head_state = head * (4 + gradients / trainable + 8)
+    full_logits = tokens * shape.vocab * FULL_LOGIT_BYTES
+    reference_macs = batch * training_step_macs(shape, length, **step)
+    # Both passes' full logits instead of the fused head's tiles, and the second pass's activations
+    reference_memory = 2 * full_logits - lm_head_buffers + activations + head_state
+    plain_memory = weights + gradients + optimizer - head_state + activations + lm_head_buffers
+    costs = StepCosts(
+        tokens=tokens,
+        key_end=key_end,
+        key_tokens=key_tokens,
+        plain_macs=plain_macs,
+        safekey_extra_macs=safekey_macs,
+        reference_extra_macs=reference_macs,
+        plain_memory=plain_memory,
+        safekey_extra_memory=query_masked_pass + head_state,
+        reference_extra_memory=reference_memory,
+    )
     notes.append(
-        "activations assume K ends within the first 15% of the sequence; the estimate leaves out the CUDA context "
-        "and allocator fragmentation (add 1-3 GiB)"
+        f"the estimate leaves out the CUDA context and allocator fragmentation (add 1-3 GiB); K is assumed to end at "
+        f"{QMM_SEQUENCE_SHARE:.0%} of max_length with {KEY_TOKENS} K tokens (a later K costs proportionally more)"
     )
     return TrainingPlan(
         model=model_args.model_name_or_path,
@@ -131,6 +369,17 @@ def plan_training(training_args: SafeKeyConfig, model_args: ModelConfig) -> Trai
         gradients=gradients,
         optimizer=optimizer,
         activations=activations,
+        query_masked_pass=query_masked_pass,
         lm_head_buffers=lm_head_buffers,
+        costs=costs,
         notes=notes,
     )
+
+
+def plan_recipe(recipe: str, overrides: list[str] | None = None) -> TrainingPlan:
+    """Plan a recipe on any machine: parsed for planning only, with `use_cpu` set so that transformers' check that
+    bf16 has a GPU to run on (which a real run keeps) does not stop a laptop or a login node."""
+    from .sft import parse_recipe
+
+    _, training_args, model_args = parse_recipe(recipe, [*(overrides or []), "--use_cpu", "true"])
+    return plan_training(training_args, model_args)
