@@ -11,12 +11,18 @@ Runs, in one process and on the same batches:
   5. plain SFT through the tiled kernel (`SafeKeySFTTrainer`, both auxiliary weights 0): with (1), it shows SafeKey's
      own overhead with either LM-head kernel held fixed.
 
-The model is a scaled-down Qwen2 that keeps the ratio that matters: Qwen's 152,064-token vocabulary against a small
-hidden size. U+K end near 12% of each sequence, as in real traces. Peak memory is the growth of the process's peak
-resident set over the step (CPU; the high-water mark is reset before each step) or `torch.cuda.max_memory_allocated`
-growth (GPU).
+Two model shapes, both scaled-down Qwen2 (`--shapes`):
+  - `7b-share`: the LM head takes the same share of a forward's multiply-adds at 4,096 tokens as in
+    DeepSeek-R1-Distill-Qwen-7B (about 7%), with Qwen's MLP and grouped-query proportions; small enough for a
+    4,096-token step on 2 CPU cores. Its ratios are what SafeKey costs in a real run (up to the attention share, which
+    a narrow model at long sequences inflates: the FLOP table shows it).
+  - `head-heavy`: Qwen's 152,064-token vocabulary against hidden size 128, 2 layers: the LM head is ~96% of the work,
+    so its ratios are those of LM-head kernels.
+U+K end near 12% of each sequence, as in real traces. Peak memory is the growth of the process's peak resident set
+over the step (CPU; the high-water mark is reset before each step) or `torch.cuda.max_memory_allocated` growth (GPU).
+Next to the measured ratios, the ones a FLOP count expects (`safekey_trl.plan`).
 
-    python bench/bench_safekey.py                       # CPU, lengths 1024 2048 4096
+    python bench/bench_safekey.py                       # CPU, both shapes, lengths 1024 2048 4096
     python bench/bench_safekey.py --device cuda --dtype bfloat16 --attn flash_attention_2
 """
 
@@ -42,6 +48,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from safekey_trl import DualPathSafetyHead, SafeKeyConfig, SafeKeySFTTrainer  # noqa: E402
 from safekey_trl.lm_head import triton_runs_on  # noqa: E402
 from safekey_trl.losses import safety_head_loss, span_mask  # noqa: E402
+from safekey_trl.plan import KNOWN_CONFIGS, ModelShape, training_step_macs  # noqa: E402
 from safekey_trl.tiny import build_tiny_tokenizer  # noqa: E402
 
 METHODS = (
@@ -54,11 +61,54 @@ METHODS = (
 )
 
 
+# Where the benchmark's batches put K (`make_batch`): from 10% to 12.5% of the sequence
+KEY_START_SHARE, KEY_END_SHARE = 0.10, 0.125
+# The length at which `7b-share` matches the 7B model's LM-head share
+SHARE_LENGTH = 4096
+REFERENCE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+
+
+def reference_shape() -> ModelShape:
+    """DeepSeek-R1-Distill-Qwen-7B's shape (hidden 3584, MLP 18944, 28 layers, 28 heads / 4 KV heads, vocab 152064)."""
+    model_type, fields = KNOWN_CONFIGS[REFERENCE_MODEL]
+    return ModelShape.from_config(Qwen2Config(**fields))
+
+
+def seven_b_share_shape(hidden: int = 384, layers: int = 2, head_dim: int = 64) -> ModelShape:
+    """A narrow Qwen2 whose LM head has the 7B model's share of a forward at `SHARE_LENGTH` tokens: the MLP 5.29
+    times the hidden size and 6 query heads per KV head as in Qwen (7 there), the vocabulary solved for the share."""
+    qwen = reference_shape()
+    heads = hidden // head_dim
+    body = ModelShape(
+        hidden=hidden,
+        intermediate=round(hidden * qwen.intermediate / qwen.hidden / 16) * 16,
+        layers=layers,
+        heads=heads,
+        kv_heads=1,
+        vocab=0,
+        head_dim=head_dim,
+    )
+    share = qwen.head_share(SHARE_LENGTH)
+    # head / (body + head) = share, per token: vocab = share / (1 - share) · body / hidden
+    body_per_token = body.forward_macs(SHARE_LENGTH, projected=0) / SHARE_LENGTH
+    vocab = round(share / (1 - share) * body_per_token / hidden / 64) * 64
+    return ModelShape(**{**body.__dict__, "vocab": vocab})
+
+
+SHAPES: dict[str, Callable[[], ModelShape]] = {
+    "7b-share": seven_b_share_shape,
+    "head-heavy": lambda: ModelShape(
+        hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=152064, head_dim=32
+    ),
+}
+
+
 def make_batch(length: int, batch_size: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
     """A SafeKey batch: prompt to 4% of the sequence, U to 10%, K to 12.5%, then the rest of the trace and answer."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(10, vocab, (batch_size, length), generator=generator)
-    prompt_end, key_start, key_end = int(0.04 * length), int(0.10 * length), int(0.125 * length)
+    prompt_end = int(0.04 * length)
+    key_start, key_end = int(KEY_START_SHARE * length), int(KEY_END_SHARE * length)
     positions = torch.arange(length).expand(batch_size, length)
     labels = input_ids.masked_fill(positions < prompt_end, -100)
     return {
@@ -73,14 +123,15 @@ def make_batch(length: int, batch_size: int, vocab: int, seed: int) -> dict[str,
     }
 
 
-def make_model(args: argparse.Namespace) -> torch.nn.Module:
+def make_model(shape: ModelShape, args: argparse.Namespace) -> torch.nn.Module:
     config = Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
         max_position_embeddings=max(args.lengths) + 1,
         tie_word_embeddings=False,
     )
@@ -210,22 +261,9 @@ def peak_memory(step: Callable[[dict], float], batch: dict, args: argparse.Names
     return peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
-    parser.add_argument("--vocab", type=int, default=152064)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-
+def build_steps(shape: ModelShape, args: argparse.Namespace, output_dir: str) -> dict[str, Callable[[dict], float]]:
+    """One step function per method, each on its own copy of the same initial model."""
     tokenizer = build_tiny_tokenizer()  # only its pad token is used: the batches are token ids already
-    dummy = Dataset.from_dict({"input_ids": [[1, 2, 3]]})
     common = dict(
         per_device_train_batch_size=args.batch_size,
         report_to=[],
@@ -234,11 +272,10 @@ def main() -> None:
         learning_rate=1e-5,
         disable_tqdm=True,
     )
-    output_dir = tempfile.mkdtemp()
     plain = SFTTrainer(
-        make_model(args),
+        make_model(shape, args),
         SFTConfig(output_dir=output_dir, **common),
-        train_dataset=dummy,
+        train_dataset=Dataset.from_dict({"input_ids": [[1, 2, 3]]}),
         processing_class=tokenizer,
     )
     safekey_dummy = Dataset.from_dict(
@@ -255,42 +292,115 @@ def main() -> None:
 
     def safekey_trainer(**overrides) -> SafeKeySFTTrainer:
         config = SafeKeyConfig(output_dir=output_dir, num_train_epochs=1, auxiliary_epochs=1, **common, **overrides)
-        return SafeKeySFTTrainer(make_model(args), config, train_dataset=safekey_dummy, processing_class=tokenizer)
+        return SafeKeySFTTrainer(
+            make_model(shape, args), config, train_dataset=safekey_dummy, processing_class=tokenizer
+        )
 
-    steps = {
+    return {
         "plain SFT": trainer_step(plain, sft_only=True),
         "SafeKey, TRL head": trainer_step(safekey_trainer(lm_head_kernel="trl"), sft_only=False),
         "SafeKey, tiled head": trainer_step(safekey_trainer(lm_head_kernel="tiled"), sft_only=False),
-        "reference": reference_step(make_model(args), args),
-        "full-logits SFT": full_logits_sft_step(make_model(args), args),
+        "reference": reference_step(make_model(shape, args), args),
+        "full-logits SFT": full_logits_sft_step(make_model(shape, args), args),
         "plain SFT, tiled head": trainer_step(
             safekey_trainer(lm_head_kernel="tiled", qmm_weight=0.0, head_weight=0.0), sft_only=False
         ),
     }
 
+
+def expected_ratios(shape: ModelShape, length: int) -> tuple[float, float]:
+    """What a FLOP count expects of SafeKey / plain SFT and reference / SafeKey at `length` (every weight trained, no
+    gradient checkpointing): the query-masked pass runs up to K's end and projects K's positions; the reference runs a
+    second full-length step."""
+    key_end = int(KEY_END_SHARE * length)
+    key_tokens = key_end - int(KEY_START_SHARE * length)
+    plain = training_step_macs(shape, length)
+    safekey = plain + training_step_macs(shape, key_end, projected=key_tokens)
+    return safekey / plain, 2 * plain / safekey
+
+
+def print_flop_table(shapes: dict[str, ModelShape], lengths: list[int]) -> None:
+    """The FLOP count behind the shapes: multiply-adds per token of a forward, and the LM head's share."""
+    print(f"Multiply-adds per token of a forward (millions), at {SHARE_LENGTH:,} tokens:\n")
+    print(
+        "| model | linear layers | attention | LM head | LM-head share | SafeKey / plain SFT | reference / SafeKey |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, shape in {REFERENCE_MODEL: reference_shape(), **shapes}.items():
+        linear, head = shape.linear_macs_per_token(), shape.head_macs_per_token()
+        attention = shape.attention_macs(SHARE_LENGTH) / SHARE_LENGTH
+        safekey, reference = expected_ratios(shape, SHARE_LENGTH)
+        print(
+            f"| {name} (hidden {shape.hidden}, MLP {shape.intermediate}, {shape.layers} layers, {shape.heads}/"
+            f"{shape.kv_heads} heads, vocab {shape.vocab:,}) | {linear / 1e6:.1f} | {attention / 1e6:.1f} | "
+            f"{head / 1e6:.1f} | {100 * shape.head_share(SHARE_LENGTH):.1f}% | {safekey:.3f} | {reference:.2f} |"
+        )
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    shapes = {name: SHAPES[name]() for name in args.shapes}
+    output_dir = tempfile.mkdtemp()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} threads"
     print(
-        f"# SafeKey step cost: Qwen2 vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, batch "
-        f"{args.batch_size}, {args.dtype}, {args.attn}, {device}; torch {torch.__version__}"
+        f"# SafeKey step cost: batch {args.batch_size}, {args.dtype}, {args.attn}, {device}; torch {torch.__version__}"
     )
     print(f"# time: median of {args.steps} steps after a warm-up; memory: peak growth over one step (MiB)\n")
-    batches = {length: make_batch(length, args.batch_size, args.vocab, seed=length) for length in args.lengths}
-    times = {}
-    for length in args.lengths:
-        for method in METHODS:
-            times[length, method] = time_steps(steps[method], batches[length], args)
-            print(f"  timed {method} at {length}: {times[length, method]:.2f} s", file=sys.stderr, flush=True)
+    print_flop_table(shapes, args.lengths)
+    batches = {
+        (name, length): make_batch(length, args.batch_size, shape.vocab, seed=length)
+        for name, shape in shapes.items()
+        for length in args.lengths
+    }
+    # Every timing first, then every memory measurement: the latter changes glibc's allocator settings
+    steps, times = {}, {}
+    for name, shape in shapes.items():
+        steps[name] = build_steps(shape, args, output_dir)
+        for length in args.lengths:
+            for method in METHODS:
+                times[name, length, method] = time_steps(steps[name][method], batches[name, length], args)
+                print(
+                    f"  timed {name}, {method} at {length}: {times[name, length, method]:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if args.device == "cpu":
         fix_mmap_threshold()
-    memory = {(length, m): peak_memory(steps[m], batches[length], args) for length in args.lengths for m in METHODS}
+    memory = {
+        (name, length, method): peak_memory(steps[name][method], batches[name, length], args)
+        for name in shapes
+        for length in args.lengths
+        for method in METHODS
+    }
     # What `lm_head_kernel: auto` picks on this device
     default = "SafeKey, TRL head" if triton_runs_on(torch.device(args.device)) else "SafeKey, tiled head"
     print(f"# SafeKey's default here: {default}\n")
-    print_tables(args.lengths, times, memory, default)
+    for name, shape in shapes.items():
+        print(f"## Shape {name}\n")
+        print_tables(
+            shape,
+            args.lengths,
+            {(length, m): times[name, length, m] for length in args.lengths for m in METHODS},
+            {(length, m): memory[name, length, m] for length in args.lengths for m in METHODS},
+            default,
+        )
+        print()
 
 
-def print_tables(lengths: list[int], times: dict, memory: dict, default: str) -> None:
-    """Three Markdown tables: step times, peak memory, and the ratios (SafeKey's with its `default` kernel)."""
+def print_tables(shape: ModelShape, lengths: list[int], times: dict, memory: dict, default: str) -> None:
+    """Three Markdown tables: step times, peak memory, and the ratios (SafeKey's with its `default` kernel), the
+    FLOP count's expectation beside the kernel-fixed ones."""
     for title, values, unit, digits in (("Step time", times, "s", 2), ("Peak memory growth", memory, "MiB", 0)):
         print(f"{title} ({unit}):\n")
         print("| tokens | " + " | ".join(METHODS) + " |")
@@ -304,14 +414,15 @@ def print_tables(lengths: list[int], times: dict, memory: dict, default: str) ->
         "SafeKey / plain, TRL head": ("SafeKey, TRL head", "plain SFT"),
         "SafeKey / plain, tiled head": ("SafeKey, tiled head", "plain SFT, tiled head"),
     }
-    print("Ratios (time; memory):\n")
-    print("| tokens | " + " | ".join(ratios) + " |")
-    print("|---|" + "---|" * len(ratios))
+    print("Ratios (time; memory), and the time ratios a FLOP count expects:\n")
+    print("| tokens | " + " | ".join(ratios) + " | expected SafeKey / plain | expected reference / SafeKey |")
+    print("|---|" + "---|" * (len(ratios) + 2))
     for length in lengths:
         cells = [
             f"{times[length, a] / times[length, b]:.2f}; {memory[length, a] / memory[length, b]:.2f}"
             for a, b in ratios.values()
         ]
+        cells += [f"{ratio:.2f}" for ratio in expected_ratios(shape, length)]
         print(f"| {length} | " + " | ".join(cells) + " |")
 
 
