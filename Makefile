@@ -16,7 +16,7 @@ EXTRAS ?= dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_safekey.py $(ARGS)
+
+# On a CUDA machine: the checks CPU cannot make, one process each under a time budget; writes docs/gpu.md.
+# Without CUDA it lists them as skipped and exits 0.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m safekey_trl.gpu_check $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check safekey_trl tests bench data
