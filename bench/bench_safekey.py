@@ -418,12 +418,16 @@ def print_tables(shape: ModelShape, lengths: list[int], times: dict, memory: dic
     print("| tokens | " + " | ".join(ratios) + " | expected SafeKey / plain | expected reference / SafeKey |")
     print("|---|" + "---|" * (len(ratios) + 2))
     for length in lengths:
-        cells = [
-            f"{times[length, a] / times[length, b]:.2f}; {memory[length, a] / memory[length, b]:.2f}"
-            for a, b in ratios.values()
-        ]
+        cells = [f"{_ratio(times, length, a, b)}; {_ratio(memory, length, a, b)}" for a, b in ratios.values()]
         cells += [f"{ratio:.2f}" for ratio in expected_ratios(shape, length)]
         print(f"| {length} | " + " | ".join(cells) + " |")
+
+
+def _ratio(values: dict, length: int, numerator: str, denominator: str) -> str:
+    # A small model's memory growth can be below what the resident set resolves: no ratio then
+    if values[length, denominator] <= 0:
+        return "n/a"
+    return f"{values[length, numerator] / values[length, denominator]:.2f}"
 
 
 if __name__ == "__main__":
