@@ -175,6 +175,8 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
             A second dataset, in the same format, to evaluate on.
         skip_invalid (`bool`, *optional*, defaults to `False`):
             Leave out invalid rows, with a counted report, instead of stopping at the first.
+        dequantize_mxfp4 (`bool`, *optional*, defaults to `False`):
+            Load a checkpoint stored in MXFP4 (gpt-oss) dequantized to `dtype`: its MXFP4 kernels do not train.
         chat_format (`str`, *optional*, defaults to `"auto"`):
             The model family whose format the examples are rendered in (`safekey_trl.chat_formats`): `auto` picks
             it from the tokenizer's chat template, a family name (`r1_distill`, `qwen3`, `gpt_oss`, `nemotron_3`,
@@ -199,6 +201,13 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Optional evaluation dataset."})
     skip_invalid: bool = field(
         default=False, metadata={"help": "Skip invalid rows with a counted report instead of failing."}
+    )
+    dequantize_mxfp4: bool = field(
+        default=False,
+        metadata={
+            "help": "Load MXFP4-quantized weights (gpt-oss) dequantized to the recipe's dtype, for training "
+            "(transformers' Mxfp4Config(dequantize=True))."
+        },
     )
     chat_format: str = field(
         default="auto",

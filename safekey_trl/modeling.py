@@ -34,9 +34,13 @@ def resolve_attn_implementation(requested: str | None) -> str:
 
 
 def load_model_and_tokenizer(
-    model_args: ModelConfig, trust_remote_code: bool = False
+    model_args: ModelConfig, trust_remote_code: bool = False, dequantize_mxfp4: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the causal LM and tokenizer a recipe names. `tiny:qwen2` / `tiny:llama` build the offline tiny model."""
+    """Load the causal LM and tokenizer a recipe names. `tiny:<architecture>` builds the offline tiny model.
+
+    `dequantize_mxfp4` loads a checkpoint stored in MXFP4 (gpt-oss) dequantized to the recipe's dtype, through
+    transformers' `Mxfp4Config(dequantize=True)`: the MXFP4 kernels serve inference, not training.
+    """
     if not model_args.model_name_or_path:
         raise ValueError("The recipe names no model: set `model_name_or_path`.")
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
@@ -45,6 +49,14 @@ def load_model_and_tokenizer(
         # Saved once and loaded like any other model, so that 4-bit loading and adapter export work on it too
         name = str(materialize_tiny(name))
     quantization_config = get_quantization_config(model_args)
+    if dequantize_mxfp4:
+        if quantization_config is not None:
+            raise ValueError(
+                "`dequantize_mxfp4` loads the weights dequantized: it cannot go with `load_in_4bit`/`8bit`."
+            )
+        from transformers import Mxfp4Config
+
+        quantization_config = Mxfp4Config(dequantize=True)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         name,
@@ -53,7 +65,7 @@ def load_model_and_tokenizer(
         attn_implementation=attn_implementation,
         dtype=dtype,
         quantization_config=quantization_config,
-        device_map=_quantized_device_map() if quantization_config is not None else None,
+        device_map=_quantized_device_map() if quantization_config is not None and not dequantize_mxfp4 else None,
     )
     tokenizer = AutoTokenizer.from_pretrained(
         name,

@@ -19,7 +19,7 @@ from trl import ModelConfig
 
 from .config import SafeKeyConfig
 from .modeling import lora_targets
-from .tiny import build_tiny_tokenizer, is_tiny_model_name, tiny_architecture, tiny_config
+from .tiny import is_tiny_model_name, tiny_architecture, tiny_config, tiny_tokenizer
 
 # TRL's fused LM head works on float32 tiles of up to 4,096 tokens × 32,768 vocabulary entries
 FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
@@ -41,7 +41,7 @@ GIB = 2**30
 
 # The paper's models, so that `--dry-run` works offline (a laptop or a login node without the Hub cache): the
 # shape fields of their `config.json`
-KNOWN_CONFIGS: dict[str, tuple[str, dict[str, int | bool]]] = {
+KNOWN_CONFIGS: dict[str, tuple[str, dict[str, int | bool | list[str]]]] = {
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": (
         "qwen2",
         dict(
@@ -75,6 +75,36 @@ KNOWN_CONFIGS: dict[str, tuple[str, dict[str, int | bool]]] = {
             num_attention_heads=32,
             num_key_value_heads=8,
             vocab_size=128256,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "Qwen/Qwen3-8B": (
+        "qwen3",
+        dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "openai/gpt-oss-20b": (
+        "gpt_oss",
+        dict(
+            vocab_size=201088,
+            hidden_size=2880,
+            intermediate_size=2880,
+            num_hidden_layers=24,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=64,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"] * 12,
             tie_word_embeddings=False,
         ),
     ),
@@ -262,7 +292,7 @@ class TrainingPlan:
 def _model_config(model_args: ModelConfig, trust_remote_code: bool, notes: list[str]) -> PretrainedConfig:
     name = model_args.model_name_or_path
     if is_tiny_model_name(name):
-        return tiny_config(build_tiny_tokenizer(), tiny_architecture(name))
+        return tiny_config(tiny_tokenizer(tiny_architecture(name)), tiny_architecture(name))
     try:
         return AutoConfig.from_pretrained(
             name, revision=model_args.model_revision, trust_remote_code=trust_remote_code

@@ -144,7 +144,9 @@ def train(
     if checkpoint is not None:
         check_safetensors_files(checkpoint)
     set_seed(training_args.seed)
-    model, tokenizer = load_model_and_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args, trust_remote_code=training_args.trust_remote_code, dequantize_mxfp4=script_args.dequantize_mxfp4
+    )
 
     def log_counts(name: str, stats: FeaturizeStats, invalid: int) -> None:
         logger.info(

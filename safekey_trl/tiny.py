@@ -19,7 +19,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
 TINY_PREFIX = "tiny:"
-TINY_ARCHITECTURES = ("qwen2", "llama")
+# Each tiny architecture, with the model family whose tokenizer (special tokens and chat template) it gets
+TINY_ARCHITECTURES = {
+    "qwen2": "r1_distill",
+    "llama": "r1_distill",
+    "qwen3": "qwen3",
+    "gpt_oss": "gpt_oss",
+    "glm4_moe": "glm4_moe",
+    "nemotron_h": "nemotron_3",
+    "gemma4_text": "gemma4",
+}
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -183,7 +192,61 @@ def tiny_config(
         return Qwen2Config(**common)
     if architecture == "llama":
         return LlamaConfig(**common)
-    raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {TINY_ARCHITECTURES}.")
+    # The reasoning families' own architectures, at the same size: MoE with few experts, sliding windows of 8
+    import transformers
+
+    head_dim = hidden_size // common["num_attention_heads"]
+    if architecture == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=head_dim)
+    if architecture == "gpt_oss":  # MoE and attention sinks; eager attention only
+        return transformers.GptOssConfig(
+            **common,
+            head_dim=head_dim,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+            + ["full_attention"] * (num_layers % 2),
+        )
+    if architecture == "glm4_moe":  # a dense first layer, then routed and shared experts
+        return transformers.Glm4MoeConfig(
+            **common,
+            head_dim=head_dim,
+            moe_intermediate_size=hidden_size // 2,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        )
+    if architecture == "nemotron_h":  # Nemotron 3's hybrid: a Mamba-2 layer, an MoE layer, an attention layer
+        return transformers.NemotronHConfig(
+            **dict(common, num_hidden_layers=3),
+            head_dim=head_dim,
+            hybrid_override_pattern="ME*",
+            mamba_num_heads=4,
+            mamba_head_dim=hidden_size // 4,
+            ssm_state_size=16,
+            n_groups=1,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden_size // 2,
+            moe_shared_expert_intermediate_size=hidden_size // 2,
+        )
+    if architecture == "gemma4_text":  # sliding and global layers, per-layer inputs, soft-capped logits
+        return transformers.Gemma4TextConfig(
+            **common,
+            head_dim=head_dim,
+            global_head_dim=head_dim,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+            + ["full_attention"] * (num_layers % 2),
+            vocab_size_per_layer_input=len(tokenizer),
+            hidden_size_per_layer_input=8,
+            final_logit_softcapping=30.0,
+        )
+    raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {tuple(TINY_ARCHITECTURES)}.")
 
 
 def build_tiny_model(
@@ -201,6 +264,13 @@ def build_tiny_model(
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
+def tiny_tokenizer(architecture: str = "qwen2") -> PreTrainedTokenizerBase:
+    """The tiny tokenizer of an architecture's model family (R1-Distill's for `qwen2` and `llama`)."""
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {tuple(TINY_ARCHITECTURES)}.")
+    return build_tiny_tokenizer(family=TINY_ARCHITECTURES[architecture])
+
+
 def tiny_architecture(name: str) -> str:
     """The architecture a `tiny:<architecture>` name asks for (`qwen2` when none is given)."""
     return name[len(TINY_PREFIX) :] or "qwen2"
@@ -216,8 +286,8 @@ def materialize_tiny(name: str, cache_dir: str | Path | None = None, seed: int =
     """
     import hashlib
 
-    tokenizer = build_tiny_tokenizer()
     architecture = tiny_architecture(name)
+    tokenizer = tiny_tokenizer(architecture)
     digest = hashlib.sha256(
         (
             tokenizer.backend_tokenizer.to_str() + tiny_config(tokenizer, architecture).to_json_string() + str(seed)
@@ -234,5 +304,5 @@ def materialize_tiny(name: str, cache_dir: str | Path | None = None, seed: int =
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model name or path; the tiny tokenizer for `tiny:*` names."""
     if is_tiny_model_name(name):
-        return build_tiny_tokenizer()
+        return tiny_tokenizer(tiny_architecture(name))
     return AutoTokenizer.from_pretrained(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -112,6 +113,13 @@ class SafeKeySFTTrainer(SFTTrainer):
         # An accelerate YAML sets context/sequence parallelism on the accelerator only, not on `args`
         refuse_sequence_sharding(self.accelerator.parallelism_config)
         causal_lm = self._causal_lm()
+        if "logits_to_keep" not in inspect.signature(causal_lm.forward).parameters:
+            # Found now rather than at the first query-masked pass, epochs into the run
+            raise ValueError(
+                f"{type(causal_lm).__name__}.forward takes no `logits_to_keep`: SafeKey's query-masked pass projects "
+                "only the positions that predict K through the LM head, with a boolean `logits_to_keep` mask. Use a "
+                "transformers causal LM that supports it."
+            )
         # `SFTTrainer.__init__` gave the model TRL's fused LM head; off Triton devices the tiled kernel serves it
         if args.lm_head_kernel != "trl":
             if args.lm_head_kernel == "tiled" and not supports_tiled_lm_head(causal_lm):
