@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from .chat_formats import resolve_chat_format
 from .cli_style import TRL_STYLE, recipe_fields_help
 from .data import SafeKeyDataError, featurize, load_examples, tokenize_example
 
@@ -167,16 +168,35 @@ def recipes_command() -> None:
     console.print("A path, or ./recipes/NAME.yaml in the current directory, wins over a shipped recipe of that name.")
 
 
-def _tokenizer(name: str):
-    from .tiny import load_tokenizer
+TemplateOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Render in a model family's format: a family (r1_distill, deepseek_v3, qwen3, gpt_oss, nemotron_3, "
+        "glm4_moe, gemma4) or a .jinja chat template file. Default: the tokenizer's own template."
+    ),
+]
 
-    return load_tokenizer(name)
+
+def _tokenizer(name: str, template: str | None = None):
+    """The tokenizer, its chat template replaced by `template`'s; the tiny one gets the family's special tokens too."""
+    from .chat_formats import CHAT_FORMATS, family_template
+    from .tiny import build_tiny_tokenizer, is_tiny_model_name, load_tokenizer
+
+    if template is None:
+        return load_tokenizer(name)
+    if is_tiny_model_name(name) and template in CHAT_FORMATS:
+        return build_tiny_tokenizer(family=template)
+    chat_template = family_template(template)
+    tokenizer = load_tokenizer(name)
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 @data_app.command()
 def validate(
     file: Annotated[str, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")],
     tokenizer: TokenizerOption = "tiny:qwen2",
+    template: TemplateOption = None,
     max_length: Annotated[int | None, typer.Option(help="Count the K spans this length would cut.")] = None,
     skip_invalid: Annotated[
         bool, typer.Option(help="Report every invalid row instead of stopping at the first.")
@@ -186,11 +206,13 @@ def validate(
     with _bad_input():
         examples, report = load_examples(file, skip_invalid=skip_invalid)
         rows_read = len(examples) + report.count
-        _, stats = featurize(examples, _tokenizer(tokenizer), max_length, skip_invalid=skip_invalid, report=report)
+        tok = _tokenizer(tokenizer, template)
+        _, stats = featurize(examples, tok, max_length, skip_invalid=skip_invalid, report=report)
+        rendered_as = resolve_chat_format(tok).template_name
     invalid_rows = {error.row for error in report.errors}
     valid = [example for example in examples if example.row not in invalid_rows]
     harmful = sum(example.unsafe for example in valid)
-    console.print(f"{file}: {rows_read} rows read")
+    console.print(f"{file}: {rows_read} rows read, rendered in the {rendered_as} format")
     console.print(f"  valid: {len(valid)} ({harmful} harmful, {len(valid) - harmful} benign)")
     console.print(f"  K in the answer (outside the trace): {sum(example.key_in_answer for example in valid)}")
     if report.duplicates:
@@ -212,6 +234,7 @@ def inspect(
     file: Annotated[str, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")],
     row: Annotated[int, typer.Option(help="1-based row number (the line number in a .jsonl file).")] = 1,
     tokenizer: TokenizerOption = "tiny:qwen2",
+    template: TemplateOption = None,
 ) -> None:
     """Show one row's query, U, K and the rest as the tokenizer sees them, coloured by segment."""
     with _bad_input():
@@ -221,8 +244,9 @@ def inspect(
         console.print(f"[red]error:[/red] {file}: no valid row {row}")
         raise typer.Exit(1)
     example = matches[0]
-    tok = _tokenizer(tokenizer)
     with _bad_input():
+        tok = _tokenizer(tokenizer, template)
+        rendered_as = resolve_chat_format(tok).template_name
         tokenized = tokenize_example(example, tok)
     input_ids, prompt_len = tokenized.input_ids, tokenized.prompt_len
     key_start, key_end = tokenized.key_start, tokenized.key_end
@@ -232,7 +256,10 @@ def inspect(
         ("K: key sentence", key_start, key_end, "bold magenta"),
         ("rest of trace and answer", key_end, len(input_ids), "white"),
     ]
-    console.print(f"{file} row {row}: {'harmful' if example.unsafe else 'benign'}, {len(input_ids)} tokens")
+    console.print(
+        f"{file} row {row}: {'harmful' if example.unsafe else 'benign'}, {len(input_ids)} tokens, "
+        f"in the {rendered_as} format"
+    )
     text = Text()
     for name, start, end, style in segments:
         console.print(f"  [{style}]{name}[/{style}]: tokens [{start}, {end})")

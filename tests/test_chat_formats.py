@@ -270,3 +270,24 @@ def test_the_config_offers_every_format():
 
     (chat_format,) = [f for f in fields(SafeKeyScriptArguments) if f.name == "chat_format"]
     assert tuple(chat_format.metadata["choices"]) == FORMAT_NAMES
+
+
+def test_data_inspect_and_validate_render_in_the_chosen_family(tmp_path):
+    from conftest import SAMPLE_DATA
+    from typer.testing import CliRunner
+
+    from safekey_trl.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "inspect", str(SAMPLE_DATA), "--row", "1", "--template", "gpt_oss"])
+    assert result.exit_code == 0, result.output
+    assert "in the gptoss format" in result.output
+    assert "<|channel|>analysis<|message|>Okay, so the user" in result.output
+    assert f"Current date: {TEMPLATE_DATE:%Y-%m-%d}" in result.output
+    result = runner.invoke(app, ["data", "validate", str(SAMPLE_DATA), "--template", "glm4_moe"])
+    assert result.exit_code == 0, result.output
+    assert "rendered in the glm4moe format" in result.output and "every row is valid" in result.output
+    custom = tmp_path / "custom.jinja"
+    custom.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    result = runner.invoke(app, ["data", "validate", str(SAMPLE_DATA), "--template", str(custom)])
+    assert result.exit_code == 2 and "not one SafeKey recognises" in result.output.replace("\n", "")
