@@ -220,6 +220,11 @@ def resolve_chat_format(tokenizer: PreTrainedTokenizerBase, chat_format: str = A
         format, stem, mode = known
         render = trl_chat_templates()[f"{stem}_training"] if mode == "training" else template
         return ResolvedFormat(format, mode, template, render if mode != "append" else None, stem)
+    if known is not None:
+        raise ChatFormatError(
+            f"chat_format {chat_format!r} names a family, but the tokenizer's chat template is TRL's {known[1]!r}, of "
+            f"the {known[0].name} family: use chat_format auto (or {known[0].name!r})."
+        )
     if chat_format == AUTO:
         raise ChatFormatError(
             f"The tokenizer's chat template is not one SafeKey recognises ({_describe(template)}): it matches none "

@@ -251,6 +251,8 @@ def test_a_named_family_renders_a_modified_template_of_it():
     with pytest.raises(ChatFormatError, match="not one SafeKey recognises"):
         render(example, tokenizer)
     assert render(example, tokenizer, "qwen3").text == render(example, family_tokenizer("qwen3")).text
+    with pytest.raises(ChatFormatError, match="chat template is TRL's 'gptoss', of the gpt_oss family"):
+        render(example, family_tokenizer("gptoss"), "qwen3")
 
 
 def test_a_template_whose_conversation_does_not_extend_its_prompt_is_an_error():
