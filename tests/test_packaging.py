@@ -39,7 +39,7 @@ def test_the_wheel_ships_the_recipes_configs_and_sample_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     recipes = {path.name for path in (ROOT / "recipes").glob("*.yaml")}
     configs = {path.name for path in (ROOT / "recipes" / "accelerate").glob("*.yaml")}
-    assert len(recipes) == 8 and len(configs) == 5
+    assert len(recipes) == 11 and len(configs) == 5
     assert {f"safekey_trl/recipes/{name}" for name in recipes} <= names
     assert {f"safekey_trl/recipes/accelerate/{name}" for name in configs} <= names
     assert "safekey_trl/sample_data/safekey_sample.jsonl" in names
