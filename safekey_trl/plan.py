@@ -91,23 +91,6 @@ KNOWN_CONFIGS: dict[str, tuple[str, dict[str, int | bool | list[str]]]] = {
             tie_word_embeddings=False,
         ),
     ),
-    "openai/gpt-oss-20b": (
-        "gpt_oss",
-        dict(
-            vocab_size=201088,
-            hidden_size=2880,
-            intermediate_size=2880,
-            num_hidden_layers=24,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            head_dim=64,
-            num_local_experts=32,
-            num_experts_per_tok=4,
-            sliding_window=128,
-            layer_types=["sliding_attention", "full_attention"] * 12,
-            tie_word_embeddings=False,
-        ),
-    ),
 }
 
 
