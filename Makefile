@@ -11,7 +11,7 @@ NUM_PROCESSES ?=
 # The CPU build of PyTorch (it lies on these machines' disk). An unpinned `torch` would pull a multi-GB CUDA build;
 # on a GPU machine, install the CUDA build you need first, e.g. `make install TORCH_SPEC=torch==2.13.0`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,eval
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
