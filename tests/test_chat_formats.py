@@ -8,6 +8,7 @@ from datetime import datetime
 
 import pytest
 from conftest import make_example
+from helpers import check_boundary_rule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -154,29 +155,14 @@ separator = st.sampled_from([" ", "\n\n", "\n", ""])
 )
 def test_key_tokens_decode_to_k_in_every_family(stem, understanding, key, rest):
     tokenizer = family_tokenizer(stem)
-    u_text = "Okay, so " + "".join(s + t for s, t in understanding)
     k_text = "".join(key)
     if not k_text.strip():
         return
-    example = make_example(understanding=u_text, key=k_text, rest="".join("".join(part) for part in rest))
-    rendered = render(example, tokenizer)
-    assert rendered.text[rendered.understanding_end : rendered.key_end] == k_text
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoding["offset_mapping"]
-    try:
-        feature = featurize_example(example, tokenizer)
-    except SafeKeyDataError as error:
-        assert error.field_name == "next_sentence_end_idx"
-        assert not any(rendered.understanding_end <= start < rendered.key_end for start, _ in offsets)
+    rest_text = "".join("".join(part) for part in rest)
+    checked = check_boundary_rule(tokenizer, "Okay, so " + "".join(s + t for s, t in understanding), k_text, rest_text)
+    if checked is None:
         return
-    key_start = feature["prefix_end"]
-    key_end = key_start + sum(feature["key_mask"])
-    a, b = rendered.understanding_end, rendered.key_end
-    for index, (start, _) in enumerate(offsets):
-        assert (a <= start < b) == (key_start <= index < key_end)
-    first, last = offsets[key_start], offsets[key_end - 1]
-    assert tokenizer.decode(feature["input_ids"][key_start:key_end]) == rendered.text[first[0] : last[1]]
-    assert rendered.text[a:b].endswith(rendered.text[first[0] : b]) and last[1] >= b
+    rendered, offsets, feature = checked
     # The query mask hides every prompt token: the family's preamble and generation prompt included
     prompt_tokens = sum(1 for start, _ in offsets if start < rendered.prompt_end)
     assert feature["query_mask"] == [0] * prompt_tokens + [1] * (len(offsets) - prompt_tokens)

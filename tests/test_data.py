@@ -8,6 +8,7 @@ from importlib import resources
 import pytest
 from conftest import ROOT, SAMPLE_DATA, make_example
 from datasets import Dataset
+from helpers import check_boundary_rule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,33 +83,11 @@ separator = st.sampled_from([" ", "\n\n", "\n", "", "  "])
 def test_key_tokens_follow_the_boundary_rule(tokenizer, understanding, key, rest):
     """K's tokens are exactly those whose first character lies in K; they decode to K's text, minus at most the head
     of a token that starts in U, plus at most the tail of K's last token."""
-    u_text = "Okay, so " + "".join(s + t for s, t in understanding)
     k_text = "".join(key)
     if not k_text.strip():
         return
-    example = make_example(understanding=u_text, key=k_text, rest="".join("".join(part) for part in rest))
-    rendered = render(example, tokenizer)
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoding["offset_mapping"]
-    try:
-        feature = featurize_example(example, tokenizer)
-    except SafeKeyDataError as error:
-        # Only when no token starts inside K: all of K shares a token with U
-        assert error.field_name == "next_sentence_end_idx"
-        assert not any(rendered.understanding_end <= start < rendered.key_end for start, _ in offsets)
-        return
-    key_start = feature["prefix_end"]
-    key_end = key_start + sum(feature["key_mask"])
-    a, b = rendered.understanding_end, rendered.key_end
-    for index, (start, _) in enumerate(offsets):
-        assert (a <= start < b) == (key_start <= index < key_end)
-    first, last = offsets[key_start], offsets[key_end - 1]
-    decoded = tokenizer.decode(feature["input_ids"][key_start:key_end])
-    assert decoded == rendered.text[first[0] : last[1]]
-    # What K's tokens miss at the start lies inside the token before them, which starts in U
-    assert first[0] == a or offsets[key_start - 1][0] < a < offsets[key_start - 1][1]
-    assert rendered.text[a:b].endswith(rendered.text[first[0] : b])
-    assert last[1] >= b
+    rest_text = "".join("".join(part) for part in rest)
+    check_boundary_rule(tokenizer, "Okay, so " + "".join(s + t for s, t in understanding), k_text, rest_text)
 
 
 def test_truncation_that_cuts_k_keeps_the_lm_term(tokenizer):
