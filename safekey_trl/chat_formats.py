@@ -73,6 +73,11 @@ class ChatFormat:
     template_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_thinking": True})
 
 
+def _with_training_variants(*stems: str) -> dict[str, str]:
+    """Templates whose final turn renders through TRL's `*_training.jinja` variant, and those variants themselves."""
+    return {rendered: mode for stem in stems for rendered, mode in ((stem, "training"), (f"{stem}_training", "self"))}
+
+
 _R1_TURN = "<think>\n{trace}\n</think>\n\n{answer}<｜end▁of▁sentence｜>"
 
 CHAT_FORMATS: dict[str, ChatFormat] = {
@@ -96,36 +101,30 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
         ),
         ChatFormat(
             "qwen3",
-            {
-                stem: mode
-                for base in ("qwen3", "qwen3_5_think", "qwen3_5_nothink", "qwen3_6", "qwen3_8")
-                for stem, mode in ((base, "training"), (f"{base}_training", "self"))
-            },
+            _with_training_variants("qwen3", "qwen3_5_think", "qwen3_5_nothink", "qwen3_6", "qwen3_8"),
             reasoning_field="reasoning_content",
             default_mode="self",
             where="`reasoning_content`: `<|im_start|>assistant\\n<think>\\n{trace}\\n</think>\\n\\n{answer}`",
         ),
         ChatFormat(
             "gpt_oss",
-            {"gptoss": "training", "gptoss_training": "self"},
+            _with_training_variants("gptoss"),
             reasoning_field="thinking",
             default_mode="self",
             where="`thinking`: harmony `analysis` channel, the answer in `final`, closed by `<|return|>`",
         ),
         ChatFormat(
             "nemotron_3",
-            {
-                stem: mode
-                for base in ("nemotron_3_nano", "nemotron_3_super", "nemotron_3_ultra", "nemotron_3_5_lightning")
-                for stem, mode in ((base, "training"), (f"{base}_training", "self"))
-            },
+            _with_training_variants(
+                "nemotron_3_nano", "nemotron_3_super", "nemotron_3_ultra", "nemotron_3_5_lightning"
+            ),
             reasoning_field="reasoning_content",
             default_mode="self",
             where="`reasoning_content`: `<think>\\n{trace}\\n</think>\\n{answer}` (Ultra, 3.5: `</think>{answer}`)",
         ),
         ChatFormat(
             "glm4_moe",
-            {"glm4moe": "training", "glm4moe_training": "self"},
+            _with_training_variants("glm4moe"),
             reasoning_field="reasoning_content",
             default_mode="self",
             where="`reasoning_content`: `<|assistant|>\\n<think>{trace}</think>\\n{answer}<|user|>`",
