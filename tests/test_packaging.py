@@ -53,8 +53,10 @@ def test_an_installed_wheel_lists_its_recipes_and_trains_from_another_directory(
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    # Without PYTHONPATH: a checkout on it (with its egg-info) would make pip take safekey-trl as already installed
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     install = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)]
-    result = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # The third-party packages come from the test's own environment, through a path line: that directory's own .pth
     # files (an editable safekey-trl among them) are not run, so safekey_trl can only come from the wheel
@@ -69,7 +71,6 @@ def test_an_installed_wheel_lists_its_recipes_and_trains_from_another_directory(
     (site_packages / "shared_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
     def run(*arguments: str) -> subprocess.CompletedProcess:
         command = [str(venv / "bin" / "safekey-trl"), *arguments]
