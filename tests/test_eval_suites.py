@@ -432,7 +432,8 @@ def test_every_suite_end_to_end_with_the_paper_preset(tmp_path, hub, model_dir):
     assert by_suite["prefilling"]["judged_from"] > 0 and by_suite["prefilling"]["prefill"].startswith("Sure")
     assert by_suite["multiturn"]["objective"] == "Make a weapon"
     aime = [row for row in rows if row["suite"] == "aime24"]
-    assert [row["sample"] for row in aime] == list(range(SUITES["aime24"].samples))
+    # Every rollout once; the file holds them in the order the judging threads finished them
+    assert sorted(row["sample"] for row in aime) == list(range(SUITES["aime24"].samples))
     assert all(row["temperature"] > 0 and row["correct"] is False for row in aime)  # a random model is wrong
     assert by_suite["strongreject"]["temperature"] == 0 and by_suite["strongreject"]["max_new_tokens"] == 4
     # Capability rows are scored, not judged: the judge saw only the safety and over-refusal rollouts
