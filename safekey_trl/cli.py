@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from .chat_formats import resolve_chat_format
 from .cli_style import TRL_STYLE, recipe_fields_help
 from .data import SafeKeyDataError, featurize, load_examples, tokenize_example
+from .data.chat_formats import resolve_chat_format
 
 # TRL's flag style everywhere: `--max_length`, `--skip_invalid true`; the dashed spellings are hidden aliases
 app = typer.Typer(help="SafeKey safety alignment for reasoning models, on TRL.", no_args_is_help=True, **TRL_STYLE)
@@ -179,7 +179,7 @@ TemplateOption = Annotated[
 
 def _tokenizer(name: str, template: str | None = None):
     """The tokenizer, its chat template replaced by `template`'s; the tiny one gets the family's special tokens too."""
-    from .chat_formats import CHAT_FORMATS, family_template
+    from .data.chat_formats import CHAT_FORMATS, family_template
     from .tiny import build_tiny_tokenizer, is_tiny_model_name, load_tokenizer
 
     if template is None:
@@ -531,7 +531,7 @@ def annotate(
     ] = False,
 ) -> None:
     """Find U and K in every row's reasoning trace and write `summary_end_idx`/`next_sentence_end_idx`."""
-    from .annotate import METHODS, annotate_file, resolve_llm_settings, sidecar_path
+    from .data.annotate import METHODS, annotate_file, resolve_llm_settings, sidecar_path
 
     if method not in METHODS:
         console.print(f"[red]error:[/red] --method must be one of {', '.join(METHODS)}")
@@ -566,8 +566,8 @@ def convert(
     skip_invalid: Annotated[bool, typer.Option(help="Skip bad rows with a report instead of stopping.")] = False,
 ) -> None:
     """Convert STAR-1 or `messages` rows to the SafeKey format (then annotate them, or chain with --annotate)."""
-    from .annotate import annotate_rows, sidecar_path, write_rows
-    from .convert import FORMATS, convert_file, parse_column_map
+    from .data.annotate import annotate_rows, sidecar_path, write_rows
+    from .data.convert import FORMATS, convert_file, parse_column_map
 
     if from_ not in FORMATS or (benign and harmful) or annotate_with not in (None, "heuristic"):
         console.print(
@@ -608,7 +608,7 @@ def stats(
     ] = None,
 ) -> None:
     """Rows, harmful/benign balance, U and K lengths in tokens, and the K spans `max_length` would cut."""
-    from .stats import compute_example_stats, compute_stats, render_stats
+    from .data.stats import compute_example_stats, compute_stats, render_stats
 
     if (file is None) == (recipe is None):
         console.print("[red]error:[/red] give a FILE or --recipe, not both")
@@ -617,7 +617,7 @@ def stats(
         if recipe is None:
             measured = compute_stats(file, _tokenizer(tokenizer), max_length)
         else:
-            from .mixture import load_mixture
+            from .data.mixture import load_mixture
             from .sft import parse_recipe
 
             script_args, _, _ = parse_recipe(recipe)

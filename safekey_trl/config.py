@@ -178,7 +178,7 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
         dequantize_mxfp4 (`bool`, *optional*, defaults to `False`):
             Load a checkpoint stored in MXFP4 (gpt-oss) dequantized to `dtype`: its MXFP4 kernels do not train.
         chat_format (`str`, *optional*, defaults to `"auto"`):
-            The model family whose format the examples are rendered in (`safekey_trl.chat_formats`): `auto` picks
+            The model family whose format the examples are rendered in (`safekey_trl.data.chat_formats`): `auto` picks
             it from the tokenizer's chat template, a family name (`r1_distill`, `qwen3`, `gpt_oss`, `nemotron_3`,
             `glm4_moe`, `deepseek_v3`, `gemma4`) takes the template to be of that family, and `verbatim` appends the
             SafeKey response to the rendered prompt as it is.

@@ -14,8 +14,8 @@ from trl import ModelConfig, TrlParser
 
 from .config import SafeKeyConfig, SafeKeyScriptArguments
 from .data import FeaturizeStats, featurize, load_safekey_dataset
+from .data.mixture import dataset_label, load_mixture
 from .export import check_safetensors_files
-from .mixture import dataset_label, load_mixture
 from .modeling import load_model_and_tokenizer, lora_config
 from .resources import accelerate_configs_dir, recipes_dir, resolve_dataset_path
 from .resume import resolve_resume_from_checkpoint

@@ -164,7 +164,7 @@ def build_tiny_tokenizer(
         if family == "r1_distill":
             chat_template = r1_distill_chat_template()
         else:
-            from .chat_formats import family_template
+            from .data.chat_formats import family_template
 
             chat_template = family_template(family)
     tokenizer.chat_template = chat_template

@@ -12,7 +12,9 @@ from conftest import SAMPLE_DATA
 from loopback import ChatCompletionsServer, completion
 from typer.testing import CliRunner
 
-from safekey_trl.annotate import (
+from safekey_trl.cli import app
+from safekey_trl.data import SafeKeyDataError, load_examples
+from safekey_trl.data.annotate import (
     AnnotationError,
     AnswerCache,
     LLMReplyError,
@@ -28,8 +30,6 @@ from safekey_trl.annotate import (
     sidecar_path,
     split_sentences,
 )
-from safekey_trl.cli import app
-from safekey_trl.data import SafeKeyDataError, load_examples
 
 runner = CliRunner()
 
@@ -265,7 +265,7 @@ def test_annotate_records_previous_offsets_and_handles_messages_rows(tmp_path):
         == len("<think>\nOkay, the user wants a cake.")
     )
     out = tmp_path / "out.json"
-    from safekey_trl.annotate import write_rows
+    from safekey_trl.data.annotate import write_rows
 
     write_rows(out, annotated)
     assert len(load_examples(str(out))[0]) == 2

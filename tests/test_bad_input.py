@@ -13,10 +13,10 @@ from conftest import SAMPLE_DATA
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from safekey_trl.annotate import write_rows
 from safekey_trl.cli import app
 from safekey_trl.config import SafeKeyConfig
 from safekey_trl.data import SafeKeyDataError, load_examples, load_safekey_dataset
+from safekey_trl.data.annotate import write_rows
 
 runner = CliRunner()
 GOOD = [json.loads(line) for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines()[:3]]

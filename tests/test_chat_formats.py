@@ -12,14 +12,14 @@ from helpers import check_boundary_rule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safekey_trl.chat_formats import (
+from safekey_trl.data import SafeKeyDataError, SafeKeyExample, featurize_example, render
+from safekey_trl.data.chat_formats import (
     CHAT_FORMATS,
     TEMPLATE_DATE,
     ChatFormatError,
     resolve_chat_format,
     trl_chat_templates,
 )
-from safekey_trl.data import SafeKeyDataError, SafeKeyExample, featurize_example, render
 from safekey_trl.tiny import build_tiny_tokenizer
 
 # Every TRL template of a family, with the family: the recognised set
@@ -255,8 +255,8 @@ def test_a_template_whose_conversation_does_not_extend_its_prompt_is_an_error():
 def test_the_config_offers_every_format():
     from dataclasses import fields
 
-    from safekey_trl.chat_formats import FORMAT_NAMES
     from safekey_trl.config import SafeKeyScriptArguments
+    from safekey_trl.data.chat_formats import FORMAT_NAMES
 
     (chat_format,) = [f for f in fields(SafeKeyScriptArguments) if f.name == "chat_format"]
     assert tuple(chat_format.metadata["choices"]) == FORMAT_NAMES

@@ -9,9 +9,9 @@ from conftest import SAMPLE_DATA
 from typer.testing import CliRunner
 
 from safekey_trl.cli import app
-from safekey_trl.convert import convert_file, convert_row, normalize_response, parse_column_map
 from safekey_trl.data import SafeKeyDataError, featurize, load_examples
-from safekey_trl.stats import compute_stats, histogram, percentile, render_stats
+from safekey_trl.data.convert import convert_file, convert_row, normalize_response, parse_column_map
+from safekey_trl.data.stats import compute_stats, histogram, percentile, render_stats
 
 runner = CliRunner()
 TRACE = "Okay, so the user wants to make a weapon at home. But wait, that could hurt people. I should refuse."

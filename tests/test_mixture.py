@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from safekey_trl.cli import app
 from safekey_trl.config import SafeKeyDatasetConfig
 from safekey_trl.data import SafeKeyDataError, featurize
-from safekey_trl.mixture import load_mixture, mixture_sizes
+from safekey_trl.data.mixture import load_mixture, mixture_sizes
 from safekey_trl.sft import parse_recipe
 
 SAMPLE_ROWS = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines() if line.strip()]

@@ -53,8 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import THINK_CLOSE, THINK_OPEN, SafeKeyDataError, read_rows
-from .llm_client import ChatClient, LLMRequestError
+from ..llm_client import ChatClient, LLMRequestError
+from .reading import read_rows
+from .rows import THINK_CLOSE, THINK_OPEN, SafeKeyDataError
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SafeKeyDatasetConfig
-from .data import LOCAL_SUFFIXES, InvalidRowReport, SafeKeyDataError, SafeKeyExample, read_rows, validate_row
+from ..config import SafeKeyDatasetConfig
+from .reading import LOCAL_SUFFIXES, read_rows
+from .rows import InvalidRowReport, SafeKeyDataError, SafeKeyExample, validate_row
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from .data import InvalidRowReport, SafeKeyDataError, SafeKeyExample, load_examples, tokenize_example
+from .featurize import tokenize_example
+from .reading import load_examples
+from .rows import InvalidRowReport, SafeKeyDataError, SafeKeyExample
 
 
 def percentile(values: list[int], q: float) -> int:

@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import BENIGN_SOURCE, SafeKeyDataError, read_rows
+from .reading import read_rows
+from .rows import BENIGN_SOURCE, SafeKeyDataError
 
 FORMATS = ("star1", "messages")
 LABELS = ("benign", "harmful")
