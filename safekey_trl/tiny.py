@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
 TINY_PREFIX = "tiny:"
@@ -97,6 +97,17 @@ FAMILY_TOKENS: dict[str, FamilyTokens] = {
     ),
 }
 FAMILY_TOKENS["deepseek_v3"] = FAMILY_TOKENS["r1_distill"]
+FAMILY_TOKENS["phi4_reasoning"] = FamilyTokens(
+    "<|endoftext|>", "<|im_end|>", "<|dummy_85|>", ("<|im_start|>", "<|im_sep|>"), ("<think>", "</think>")
+)
+FAMILY_TOKENS["olmo3_think"] = FamilyTokens(
+    None, "<|im_end|>", "<|pad|>", ("<|im_start|>", "<|endoftext|>"), ("<think>", "</think>")
+)
+# Qwen2's pre-tokenizer split (Llama 3's but for digits): unlike GPT-2's, it keeps a run of newlines in one piece,
+# so that `\n\n` is a single token, as in the R1-Distill, Qwen and Llama 3 tokenizers
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def r1_distill_chat_template() -> str:
@@ -126,7 +137,10 @@ def _training_corpus() -> list[str]:
 
 
 def build_tiny_tokenizer(
-    chat_template: str | None = None, vocab_size: int = 1024, family: str = "r1_distill"
+    chat_template: str | None = None,
+    vocab_size: int = 1024,
+    family: str = "r1_distill",
+    split_pattern: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """Train a byte-level BPE tokenizer in memory, with a model family's special tokens and a chat template.
 
@@ -135,6 +149,8 @@ def build_tiny_tokenizer(
             `r1_distill` family, and to the family's canonical TRL template for the others.
         vocab_size: Target vocabulary size of the BPE model (special tokens included).
         family: Whose special tokens the tokenizer carries (a key of [`FAMILY_TOKENS`]).
+        split_pattern: The pre-tokenizer's split regex (e.g. [`QWEN2_SPLIT_PATTERN`]) before the byte-level mapping;
+            GPT-2's by default.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -143,7 +159,15 @@ def build_tiny_tokenizer(
     tokens = FAMILY_TOKENS[family]
     named = [token for token in (tokens.bos, tokens.eos, tokens.pad) if token is not None]
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_pattern is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -151,7 +175,10 @@ def build_tiny_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_training_corpus(), trainer=trainer)
+    corpus = _training_corpus()
+    if split_pattern is not None:  # paragraphs, so that a run of newlines, a piece of its own, gets its merges
+        corpus += ["First paragraph\n\nSecond paragraph\n\nThird\n"] * 64
+    backend.train_from_iterator(corpus, trainer=trainer)
     backend.add_tokens(list(tokens.added))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

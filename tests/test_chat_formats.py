@@ -4,23 +4,25 @@ expected turns, the inference prompt byte for byte, the boundary rule, and the e
 from __future__ import annotations
 
 import functools
+import re
 from datetime import datetime
 
 import pytest
-from conftest import make_example
+from conftest import ROOT, make_example
 from helpers import check_boundary_rule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safekey_trl.data import SafeKeyDataError, SafeKeyExample, featurize_example, render
+from safekey_trl.data import SafeKeyDataError, SafeKeyExample, featurize_example, load_examples, render
 from safekey_trl.data.chat_formats import (
     CHAT_FORMATS,
     TEMPLATE_DATE,
     ChatFormatError,
+    known_templates,
     resolve_chat_format,
     trl_chat_templates,
 )
-from safekey_trl.tiny import build_tiny_tokenizer
+from safekey_trl.tiny import QWEN2_SPLIT_PATTERN, build_tiny_tokenizer
 
 # Every TRL template of a family, with the family: the recognised set
 TEMPLATES = {stem: format.name for format in CHAT_FORMATS.values() for stem in format.templates}
@@ -28,6 +30,8 @@ BASE_TEMPLATES = sorted(stem for stem in TEMPLATES if not stem.endswith("_traini
 # One template per distinct layout, for the slower property test
 LAYOUTS = [
     "deepseek_r1_distill",
+    "phi4_reasoning",
+    "olmo3_think",
     "deepseekv3",
     "qwen3",
     "qwen3_8",
@@ -50,7 +54,11 @@ NEMOTRON_TURN = "<|im_start|>assistant\n<think>\n{trace}\n</think>\n{answer}<|im
 NEMOTRON_TIGHT_TURN = "<|im_start|>assistant\n<think>\n{trace}</think>{answer}<|im_end|>\n"
 GLM_TURN = "<|assistant|>\n<think>{trace}</think>\n{answer}<|user|>"
 GEMMA4_TURN = "<|turn>model\n<|channel>thought\n{trace}\n<channel|>{answer}<turn|>\n"
+PHI4_TURN = "<|im_start|>assistant<|im_sep|><think>\n{trace}\n</think>\n\n{answer}<|im_end|>"
+OLMO3_TURN = "<|im_start|>assistant\n<think>\n{trace}\n</think>\n\n{answer}<|im_end|>"
 EXPECTED_TURN = {
+    "phi4_reasoning": PHI4_TURN,
+    "olmo3_think": OLMO3_TURN,
     "r1_distill": R1_TURN,
     "deepseek_v3": R1_TURN,
     "qwen3": QWEN3_TURN,
@@ -70,7 +78,7 @@ def expected_turn(stem: str) -> str:
 
 @functools.cache
 def family_tokenizer(stem: str):
-    return build_tiny_tokenizer(trl_chat_templates()[stem], family=TEMPLATES[stem])
+    return build_tiny_tokenizer(known_templates()[stem], family=TEMPLATES[stem])
 
 
 UNDERSTANDING = "Okay, so the user is asking how to make a dangerous thing at home."
@@ -115,7 +123,7 @@ def test_the_example_is_the_templates_own_rendering_of_the_conversation(stem):
     mode = CHAT_FORMATS[TEMPLATES[stem]].templates[stem]
     tokenizer = family_tokenizer(stem)
     example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
-    template = trl_chat_templates()[stem if mode == "self" else f"{stem}_training"]
+    template = known_templates()[stem if mode == "self" else f"{stem}_training"]
     field = CHAT_FORMATS[TEMPLATES[stem]].reasoning_field
     message = (
         {"role": "assistant", "content": ANSWER, field: TRACE}
@@ -233,13 +241,14 @@ def test_an_unknown_template_is_an_error_naming_it_unless_named_or_verbatim(exam
 
 
 def test_a_named_family_renders_a_modified_template_of_it():
-    template = trl_chat_templates()["qwen3"] + "{#- a local edit #}"
+    # A local edit that changes what the template renders: a fixed preamble
+    template = "{{- 'Local preamble.\\n' }}" + trl_chat_templates()["qwen3"]
     tokenizer = build_tiny_tokenizer(template, family="qwen3")
     example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
     with pytest.raises(ChatFormatError, match="not one SafeKey recognises"):
         render(example, tokenizer)
-    assert render(example, tokenizer, "qwen3").text == render(example, family_tokenizer("qwen3")).text
-    with pytest.raises(ChatFormatError, match="chat template is TRL's 'gptoss', of the gpt_oss family"):
+    assert render(example, tokenizer, "qwen3").text == "Local preamble.\n" + render(example, family_tokenizer("qwen3")).text
+    with pytest.raises(ChatFormatError, match="chat template renders as 'gptoss', of the gpt_oss family"):
         render(example, family_tokenizer("gptoss"), "qwen3")
 
 
@@ -281,3 +290,142 @@ def test_data_inspect_and_validate_render_in_the_chosen_family(tmp_path):
     custom.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     result = runner.invoke(app, ["data", "validate", str(SAMPLE_DATA), "--template", str(custom)])
     assert result.exit_code == 2 and "not one SafeKey recognises" in result.output.replace("\n", "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recognition by what a template renders; declared turns; template variables; the inference prompt's tokens
+
+
+def reformatted(template: str) -> str:
+    """The same template laid out differently: wider tag delimiters and a comment, which render nothing."""
+    return "{#- reformatted by hand #}" + template.replace("{%- ", "{%-  ").replace(" %}", "  %}").replace("{{ ", "{{  ")
+
+
+@pytest.mark.parametrize("stem", sorted(TEMPLATES))
+def test_a_reformatted_copy_of_a_known_template_is_recognised_and_renders_the_same(stem):
+    original = family_tokenizer(stem)
+    copy = build_tiny_tokenizer(reformatted(known_templates()[stem]), family=TEMPLATES[stem])
+    assert copy.chat_template != original.chat_template
+    resolved = resolve_chat_format(copy)
+    # DeepSeek-V3's template renders every probe as R1-Distill's does, and takes the same turn
+    assert resolved.format.name == ("r1_distill" if stem.startswith("deepseekv3") else TEMPLATES[stem])
+    example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
+    assert featurize_example(example, copy) == featurize_example(example, original)
+
+
+def test_a_near_miss_is_named_with_the_first_characters_where_it_parts():
+    # Qwen3 with one character changed in its generation prompt
+    template = trl_chat_templates()["qwen3"].replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant \\n' }}")
+    assert template != trl_chat_templates()["qwen3"]
+    tokenizer = build_tiny_tokenizer(template, family="qwen3")
+    with pytest.raises(ChatFormatError) as raised:
+        resolve_chat_format(tokenizer)
+    message = str(raised.value)
+    assert "the closest is 'qwen3' (qwen3)" in message
+    assert "a user turn, with the generation prompt parts from it at character" in message
+    assert "'<|im_start|>assistant \\n'" in message.replace("\\\\n", "\\n") or "assistant \\n" in message
+
+
+# Kimi-K2-Thinking's way with a final reasoning turn: `<think></think>` in place of its reasoning. A stand-in with that
+# behaviour, not Kimi's template: ChatML-like turns, the generation prompt with no `<think>` of its own
+DROPPING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' %}<think></think>{{ m.content }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_drops_the_final_turns_reasoning_says_so_and_what_to_do():
+    tokenizer = build_tiny_tokenizer(DROPPING_TEMPLATE, family="qwen3")
+    example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
+    with pytest.raises(SafeKeyDataError) as raised:
+        render(example, tokenizer, "qwen3")  # named as a family that renders its turns through the template
+    message = str(raised.value)
+    assert "drops the reasoning of a conversation's final assistant turn" in message
+    assert "renders that turn as '<think></think>{answer}<|im_end|>\\n'" in message
+    assert "chat_format_turn" in message and "verbatim" in message
+
+
+def test_a_declared_turn_renders_after_the_generation_prompt_with_exact_spans():
+    tokenizer = build_tiny_tokenizer(DROPPING_TEMPLATE, family="qwen3")
+    turn = "<think>{trace}</think>{answer}<|im_end|>\n"
+    resolved = resolve_chat_format(tokenizer, turn=turn)
+    example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
+    rendered = render(example, tokenizer, resolved)
+    prompt = inference_prompt(tokenizer, example.prompt_messages)
+    assert rendered.text == prompt + f"<think>{TRACE}</think>{ANSWER}<|im_end|>\n"
+    assert rendered.text[rendered.understanding_end : rendered.key_end] == KEY
+    feature = featurize_example(example, tokenizer, chat_format=resolved)
+    key_start = feature["prefix_end"]
+    assert tokenizer.decode(feature["input_ids"][key_start : key_start + sum(feature["key_mask"])]) == KEY
+
+
+@pytest.mark.parametrize(
+    ("turn", "message"),
+    [
+        ("<think>{answer}</think>{trace}<|im_end|>", "must hold {trace} once and then {answer} once"),
+        ("<think>{trace}</think><|im_end|>", "must hold {trace} once and then {answer} once"),
+        ("<think>{trace}</think>{answer}", "holds none of the tokenizer's special tokens"),
+    ],
+)
+def test_a_declared_turn_that_breaks_the_rules_is_refused(turn, message):
+    tokenizer = build_tiny_tokenizer(DROPPING_TEMPLATE, family="qwen3")
+    with pytest.raises(ChatFormatError, match=re.escape(message)):
+        resolve_chat_format(tokenizer, turn=turn)
+    with pytest.raises(ChatFormatError, match="set one of them"):
+        resolve_chat_format(tokenizer, "qwen3", turn="<think>{trace}</think>{answer}<|im_end|>")
+
+
+def test_a_declared_turn_may_not_repeat_what_the_generation_prompt_opened():
+    tokenizer = family_tokenizer("deepseek_r1_distill")  # its generation prompt ends `<think>\n`
+    example = make_example()
+    resolved = resolve_chat_format(tokenizer, turn="<think>{trace}</think>{answer}<｜end▁of▁sentence｜>")
+    with pytest.raises(SafeKeyDataError, match="which the generation prompt already holds"):
+        render(example, tokenizer, resolved)
+    # Its exact tail is not repeated: the turn goes on from it
+    resolved = resolve_chat_format(tokenizer, turn="<think>\n{trace}\n</think>\n\n{answer}<｜end▁of▁sentence｜>")
+    assert render(example, tokenizer, resolved).text == render(example, tokenizer).text
+
+
+def test_template_variables_reach_the_rendering():
+    tokenizer = family_tokenizer("gptoss")
+    example = make_example()
+    high = resolve_chat_format(tokenizer, template_kwargs={"reasoning_effort": "high"})
+    assert "Reasoning: high" in render(example, tokenizer, high).text
+    assert "Reasoning: medium" in render(example, tokenizer).text
+
+
+def test_the_carried_templates_are_the_published_ones():
+    """OLMo-3-Think's copy is byte for byte the template whose sha256 was recorded for allenai/Olmo-3-7B-Think's
+    chat_template.jinja (open-instruct's `olmo_thinker`); Phi-4-reasoning's opens with its fixed system prompt."""
+    import hashlib
+
+    olmo = known_templates()["olmo3_think"]
+    assert hashlib.sha256(olmo.encode()).hexdigest() == (
+        "6d549883b5ed12879e191845c256a30c7dfd4eced0a4f160060a3ea0199d9e3a"
+    )
+    phi = known_templates()["phi4_reasoning"]
+    assert phi.startswith("<|im_start|>system<|im_sep|>You are Phi, a language model trained by Microsoft")
+    assert phi.endswith("{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}")
+
+
+EMPTY_TRACE_ROWS = ROOT / "tests" / "fixtures" / "empty_trace_rows.json"
+
+
+@pytest.mark.parametrize("stem", LAYOUTS)
+def test_the_prompt_is_tokenized_as_at_inference_on_empty_trace_rows(stem):
+    """With Qwen's pre-tokenizer a run of newlines is one token: R1's `<think>\\n` and an empty trace's `\\n` would
+    merge into `\\n\\n` if the whole text were tokenized at once, a prompt inference never produces."""
+    tokenizer = build_tiny_tokenizer(known_templates()[stem], family=TEMPLATES[stem], split_pattern=QWEN2_SPLIT_PATTERN)
+    assert len(tokenizer("\n\n", add_special_tokens=False)["input_ids"]) == 1
+    examples, _ = load_examples(str(EMPTY_TRACE_ROWS))
+    for example in examples:
+        feature = featurize_example(example, tokenizer)
+        prompt_len = feature["understanding_span"][0]
+        inference = tokenizer(inference_prompt(tokenizer, example.prompt_messages), add_special_tokens=False)
+        assert feature["input_ids"][:prompt_len] == inference["input_ids"]
+        assert feature["labels"][:prompt_len] == [-100] * prompt_len and feature["labels"][prompt_len] != -100
+        key = example.response[example.summary_end_idx : example.next_sentence_end_idx]
+        key_start = feature["prefix_end"]
+        decoded = tokenizer.decode(feature["input_ids"][key_start : key_start + sum(feature["key_mask"])])
+        assert decoded.strip() == key.strip()

@@ -6,10 +6,14 @@ One part a module, in the order a row goes through them:
   and the field of a bad row.
 - `reading`: rows from `.jsonl`/`.json`/`.parquet` files or a Hub dataset (`read_rows`, `load_examples`).
 - `mixture`: several datasets in TRL's mixture form, with fractions, column maps and LM-only rows.
-- `chat_formats`: each model family's reasoning turn: recognising the template, rendering, mapping offsets.
+- `chat_formats`: each model family's reasoning turn (a subpackage: the family table, recognising a template by what
+  it renders, rendering and mapping offsets).
 - `featurize`: rendering and tokenizing an example, placing U and K on tokens (`key_mask`, `query_mask`,
   `understanding_span`, `prefix_end`), and `featurize` over a whole dataset.
 - `convert`, `annotate`, `stats`: `safekey-trl data convert`, `data annotate` and `data stats`.
+
+None of them imports `datasets` or `transformers` at import time (only the functions that use them do), so that the
+command line starts at once.
 """
 
 from .featurize import (

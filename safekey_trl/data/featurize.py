@@ -13,16 +13,18 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Iterable
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset, Features, List, Value
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from .chat_formats import AUTO, ChatFormatError, ResolvedFormat, map_offset, render_turn, resolve_chat_format
 from .reading import load_examples
 from .rows import THINK_CLOSE, THINK_OPEN, InvalidRowReport, SafeKeyDataError, SafeKeyExample
+
+if TYPE_CHECKING:
+    from datasets import Dataset, Features
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def render(
     """Render an example in the format of the tokenizer's chat template, and map U and K into the rendering.
 
     The family comes from `tokenizer.chat_template` (or is named by `chat_format`, see
-    [`~safekey_trl.chat_formats.resolve_chat_format`]); the trace and the answer go where that family's template reads
+    [`~safekey_trl.data.chat_formats.resolve_chat_format`]); the trace and the answer go where that family's template reads
     them, and the rendered text is what the template renders for the conversation, its prompt part what it renders
     at inference. U's and K's ends, character offsets into the SafeKey response, map into the rendered trace or
     answer by character offsets (a template that strips a trace's or an answer's ends shifts them accordingly).
@@ -97,6 +99,25 @@ def token_spans(token_starts: list[int], rendered: RenderedExample) -> tuple[int
     return prompt_len, key_start, key_end
 
 
+def tokenize_prompt_and_completion(
+    tokenizer: PreTrainedTokenizerBase, text: str, prompt_end: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and each token's first character: the prompt `text[:prompt_end]` tokenized alone, as
+    `apply_chat_template(..., add_generation_prompt=True)` tokenizes it at inference, then the completion after it.
+
+    Tokenizing the whole text at once can merge the generation prompt's tail with the completion's head (R1's
+    `<think>\n` and an empty trace's `\n` become one `\n\n` token under Qwen's and Llama 3's pre-tokenizers): the
+    model would train on a prompt it never sees at inference.
+    """
+    ids: list[int] = []
+    starts: list[int] = []
+    for offset, part in ((0, text[:prompt_end]), (prompt_end, text[prompt_end:])):
+        encoding = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+        ids += encoding["input_ids"]
+        starts += [offset + start for start, _ in encoding["offset_mapping"]]
+    return ids, starts
+
+
 @dataclass
 class TokenizedExample:
     """An example's tokens and its segments' token boundaries, before any truncation: the prompt is
@@ -116,11 +137,10 @@ def tokenize_example(
     Raises [`SafeKeyDataError`] when U or K gets no token of its own under this tokenizer.
     """
     rendered = render(example, tokenizer, chat_format)
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    starts = [start for start, _ in encoding["offset_mapping"]]
+    input_ids, starts = tokenize_prompt_and_completion(tokenizer, rendered.text, rendered.prompt_end)
     prompt_len, key_start, key_end = token_spans(starts, rendered)
     if example.lm_only:
-        return TokenizedExample(encoding["input_ids"], prompt_len, prompt_len, prompt_len)
+        return TokenizedExample(input_ids, prompt_len, prompt_len, prompt_len)
     if key_start == prompt_len:
         raise SafeKeyDataError(
             example.source, example.row, "summary_end_idx", "the understanding U has no token of its own"
@@ -129,7 +149,7 @@ def tokenize_example(
         raise SafeKeyDataError(
             example.source, example.row, "next_sentence_end_idx", "the key sentence K has no token of its own"
         )
-    return TokenizedExample(encoding["input_ids"], prompt_len, key_start, key_end)
+    return TokenizedExample(input_ids, prompt_len, key_start, key_end)
 
 
 def featurize_example(
@@ -173,20 +193,24 @@ def featurize_example(
 FEATURE_COLUMNS = ("input_ids", "labels", *SAFEKEY_FEATURES)
 # Per-row bookkeeping columns of the `map` in `featurize`, dropped from its output
 _STATUS_COLUMNS = ("error_field", "error_message", "has_response", "has_key")
-# The column types `datasets` infers for the features (`input_ids` as int32), fixed so that a batch of error rows,
-# with empty lists, cannot change them
-_MAP_FEATURES = Features(
-    {
-        "input_ids": List(Value("int32")),
-        **{name: List(Value("int64")) for name in ("labels", "key_mask", "query_mask", "understanding_span")},
-        "prefix_end": Value("int64"),
-        "unsafe": Value("int64"),
-        "error_field": Value("string"),
-        "error_message": Value("string"),
-        "has_response": Value("bool"),
-        "has_key": Value("bool"),
-    }
-)
+@functools.cache
+def _map_features() -> Features:
+    """The column types of the `map` in `featurize`, fixed (`input_ids` as int32, as `datasets` infers them) so that
+    a batch of error rows, with empty lists, cannot change them."""
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "input_ids": List(Value("int32")),
+            **{name: List(Value("int64")) for name in ("labels", "key_mask", "query_mask", "understanding_span")},
+            "prefix_end": Value("int64"),
+            "unsafe": Value("int64"),
+            "error_field": Value("string"),
+            "error_message": Value("string"),
+            "has_response": Value("bool"),
+            "has_key": Value("bool"),
+        }
+    )
 
 
 def _example_record(example: SafeKeyExample) -> dict[str, Any]:
@@ -248,7 +272,7 @@ def _features_cache_file(
     from datasets import config
     from datasets.fingerprint import Hasher
 
-    code = [_featurize_record, featurize_example, tokenize_example, render, render_turn]
+    code = [_featurize_record, featurize_example, tokenize_example, tokenize_prompt_and_completion, render, render_turn]
     key = Hasher.hash([records._fingerprint, *code, tokenizer, max_length, chat_format])
     directory = Path(config.HF_DATASETS_CACHE) / "safekey_features"
     directory.mkdir(parents=True, exist_ok=True)
@@ -261,7 +285,7 @@ def featurize(
     max_length: int | None = None,
     skip_invalid: bool = False,
     report: InvalidRowReport | None = None,
-    chat_format: str = AUTO,
+    chat_format: str | ResolvedFormat = AUTO,
     num_proc: int | None = None,
 ) -> tuple[Dataset, FeaturizeStats]:
     """Featurize examples into a `datasets.Dataset` ready for [`SafeKeySFTTrainer`].
@@ -273,9 +297,12 @@ def featurize(
     logged and returned. A row whose U or K gets no token of its own under this tokenizer raises
     [`SafeKeyDataError`] (the first such row, in order), or is counted in `report` with `skip_invalid=True`.
     """
+    from datasets import Dataset
+
     examples = list(examples)
     stats = FeaturizeStats(rows=len(examples))
-    resolved = resolve_chat_format(tokenizer, chat_format)  # once: an unknown template fails before any row
+    # Once: an unknown template fails before any row
+    resolved = chat_format if isinstance(chat_format, ResolvedFormat) else resolve_chat_format(tokenizer, chat_format)
     if not examples:
         return Dataset.from_dict({name: [] for name in FEATURE_COLUMNS}), stats
     records = Dataset.from_list([_example_record(example) for example in examples])
@@ -283,7 +310,7 @@ def featurize(
         _featurize_record,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "chat_format": resolved},
         remove_columns=records.column_names,
-        features=_MAP_FEATURES,
+        features=_map_features(),
         num_proc=num_proc if num_proc and num_proc > 1 and len(examples) > 1 else None,
         cache_file_name=_features_cache_file(records, tokenizer, max_length, resolved),
         desc="Featurizing",
@@ -335,7 +362,7 @@ def load_safekey_dataset(
     max_length: int | None = None,
     split: str = "train",
     skip_invalid: bool = False,
-    chat_format: str = AUTO,
+    chat_format: str | ResolvedFormat = AUTO,
     num_proc: int | None = None,
 ) -> tuple[Dataset, FeaturizeStats, InvalidRowReport]:
     """Load, validate and featurize a SafeKey dataset in one call (`num_proc`: processes featurising)."""

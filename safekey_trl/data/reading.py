@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
-
 from .rows import InvalidRowReport, SafeKeyDataError, SafeKeyExample, find_lone_surrogate, validate_row
 
 logger = logging.getLogger(__name__)
@@ -89,6 +87,8 @@ def read_rows(path_or_name: str, split: str = "train") -> Iterator[tuple[int, An
         for number, row in enumerate(data, start=1):
             yield number, _checked(source, number, row)
     elif suffix == ".parquet":
+        from datasets import Dataset
+
         yield from enumerate(Dataset.from_parquet(str(path)), start=1)
     else:
         from datasets import load_dataset
