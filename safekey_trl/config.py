@@ -5,9 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import json
+from typing import Any
+
 from accelerate.parallelism_config import ParallelismConfig
 from trl import DatasetMixtureConfig, SFTConfig
 from trl.scripts.utils import DatasetConfig
+
+from .data.chat_formats.families import FORMAT_NAMES
 
 
 @dataclass
@@ -71,7 +76,17 @@ class SafeKeyConfig(SFTConfig):
         },
     )
 
+    # TRL turns checkpointing on by default through `gradient_checkpointing`, which transformers 5 deprecates for
+    # `activation_checkpointing` with a FutureWarning whenever it is set: left unset here, TRL's default goes to the
+    # new name, so a recipe that never mentions either gets no warning (one that sets the old name still does)
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated by transformers 5: use `activation_checkpointing` (on unless set false)."},
+    )
+
     def __post_init__(self):
+        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
         # The head has no gradient in the plain-SFT epochs, or in a micro-batch whose K were all cut: DDP must look for
         # unused parameters (transformers turns that off under gradient checkpointing, which would fail there)
         if self.ddp_find_unused_parameters is None:
@@ -166,9 +181,10 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
     """Where a recipe's data comes from: one `dataset_name`, or a mixture in TRL's form (`datasets`).
 
     Parameters:
-        dataset_name (`str`):
+        dataset_name (`str`, *optional*):
             A `.jsonl`, `.json` or `.parquet` file in the SafeKey format, or a Hub dataset name. Ignored when
-            `datasets` is set.
+            `datasets` is set. A recipe names one or the other (as in TRL): there is no default dataset (the tiny
+            recipes name the sample).
         dataset_train_split (`str`, *optional*, defaults to `"train"`):
             Split to train on, for a Hub dataset.
         eval_dataset_name (`str`, *optional*):
@@ -179,9 +195,17 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
             Load a checkpoint stored in MXFP4 (gpt-oss) dequantized to `dtype`: its MXFP4 kernels do not train.
         chat_format (`str`, *optional*, defaults to `"auto"`):
             The model family whose format the examples are rendered in (`safekey_trl.data.chat_formats`): `auto` picks
-            it from the tokenizer's chat template, a family name (`r1_distill`, `qwen3`, `gpt_oss`, `nemotron_3`,
-            `glm4_moe`, `deepseek_v3`, `gemma4`) takes the template to be of that family, and `verbatim` appends the
-            SafeKey response to the rendered prompt as it is.
+            it by what the tokenizer's chat template renders, a family name (`r1_distill`, `qwen3`, `gpt_oss`,
+            `nemotron_3`, `glm4_moe`, `deepseek_v3`, `gemma4`, `phi4_reasoning`, `olmo3_think`) takes the template to
+            be of that family, and `verbatim` appends the SafeKey response to the rendered prompt as it is.
+        chat_format_turn (`str`, *optional*):
+            For a model the family table does not know: its assistant turn as the model writes it after the
+            template's own generation prompt, with `{trace}` and `{answer}` placeholders, e.g.
+            `"<think>{trace}</think>{answer}<|im_end|>"`. It must end with a special token (the model must learn to
+            stop); the template still renders the prompt.
+        chat_template_kwargs (`dict`, *optional*):
+            Variables passed to the chat template when rendering the examples (`{"reasoning_effort": "high"}` for
+            gpt-oss, ...), over the family's own (`enable_thinking: true`).
         datasets (`list[SafeKeyDatasetConfig]`, *optional*):
             A mixture, as TRL's `DatasetMixtureConfig`: each entry a [`SafeKeyDatasetConfig`], `fraction`s set on
             all or none (target shares, normalised, no dataset oversampled). Rows without U and K (plain SFT data)
@@ -194,8 +218,8 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
         default_factory=list,
         metadata={"help": "A data mixture in TRL's form (recipe only): a list of {path, split, fraction, ...}."},
     )
-    dataset_name: str = field(
-        default="data/safekey_sample.jsonl", metadata={"help": "SafeKey-format file or Hub dataset name."}
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "SafeKey-format file or Hub dataset name (or a `datasets` mixture)."}
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (Hub datasets)."})
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Optional evaluation dataset."})
@@ -214,9 +238,19 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
         metadata={
             "help": "Model family to render the examples in: auto (from the chat template), a family name, or "
             "verbatim.",
-            "choices": ["auto", "r1_distill", "deepseek_v3", "qwen3", "gpt_oss", "nemotron_3", "glm4_moe", "gemma4"]
-            + ["verbatim"],
+            "choices": list(FORMAT_NAMES),
         },
+    )
+    chat_format_turn: str | None = field(
+        default=None,
+        metadata={
+            "help": "The assistant turn as the model writes it after the generation prompt, with {trace} and "
+            "{answer}, for a family the table does not know: e.g. '<think>{trace}</think>{answer}<|im_end|>'."
+        },
+    )
+    chat_template_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Chat template variables, as a mapping (JSON on the command line): {reasoning_effort: high}."},
     )
 
     def __post_init__(self):
@@ -226,3 +260,10 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
         ]
         if self.streaming:
             raise ValueError("SafeKey data mixtures are featurised up front: `streaming` is not supported.")
+        if isinstance(self.chat_template_kwargs, str):  # from the command line
+            try:
+                self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"chat_template_kwargs {self.chat_template_kwargs!r} is not JSON: {error}") from None
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a mapping, got {self.chat_template_kwargs!r}.")

@@ -75,6 +75,71 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def apply_tokenizer_settings(
+    tokenizer: PreTrainedTokenizerBase, args, model: PreTrainedModel | None = None
+) -> list:
+    """Apply a config's `eos_token`, `chat_template_path` and `pad_token` to the tokenizer (and the model) now, as
+    `SFTTrainer.__init__` would, so that SafeKey featurises with them: TRL applies them only when the trainer is
+    built, after SafeKey has rendered and tokenized the data.
+
+    `chat_template_path` is a `.jinja`/`.j2` file, or a tokenizer whose template (and added tokens and EOS) TRL's
+    `clone_chat_template` copies, resizing the model's embeddings; without a model only the tokenizer changes (the
+    trainer resizes the model when it applies the same setting). Applying them twice changes nothing.
+
+    Returns:
+        The tokens a cloned template added (to be made trainable under LoRA, as TRL does).
+    """
+    import os
+
+    added: list = []
+    if args.eos_token is not None:
+        _check_in_vocabulary(tokenizer, args.eos_token, "eos_token")
+        tokenizer.eos_token = args.eos_token
+        if model is not None:
+            model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+            eos_ids = model.generation_config.eos_token_id
+            eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+            if tokenizer.eos_token_id not in eos_ids:
+                model.generation_config.eos_token_id = [tokenizer.eos_token_id, *eos_ids]
+    path = args.chat_template_path
+    if path is not None:
+        if os.path.isfile(path) and path.endswith((".jinja", ".j2")):
+            with open(path, encoding="utf-8") as file:
+                tokenizer.chat_template = file.read()
+        elif model is not None:
+            from trl.chat_template_utils import clone_chat_template
+
+            _, _, added = clone_chat_template(model, tokenizer, path)
+        else:
+            source = AutoTokenizer.from_pretrained(path)
+            tokenizer.chat_template = source.get_chat_template()
+            tokenizer.add_tokens([t for t in source.added_tokens_decoder.values() if t.content not in tokenizer.vocab])
+            tokenizer.eos_token = source.eos_token
+    pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+    if pad_token is not None:
+        _check_in_vocabulary(tokenizer, pad_token, "pad_token")
+        tokenizer.pad_token = pad_token
+        if model is not None:
+            model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return added
+
+
+def _check_in_vocabulary(tokenizer: PreTrainedTokenizerBase, token: str, name: str) -> None:
+    if token not in tokenizer.get_vocab():
+        raise ValueError(f"{name} {token!r} is not in the tokenizer's vocabulary ({type(tokenizer).__name__}).")
+
+
+def train_added_tokens(peft_config: LoraConfig | None, added: list) -> None:
+    """Make the tokens a cloned chat template added trainable in a LoRA run (TRL's `trainable_token_indices`): the
+    trainer would not see them as added, since they are already in the tokenizer when it applies the template."""
+    if peft_config is None or not added:
+        return
+    indices = dict(peft_config.trainable_token_indices or {})
+    indices["embed_tokens"] = [*indices.get("embed_tokens", []), *added]
+    peft_config.trainable_token_indices = indices
+
+
 def lora_targets(model_args: ModelConfig) -> str | list[str]:
     """The recipe's LoRA target modules: `"all-linear"` (every linear layer but the LM head) unless it names some."""
     targets = model_args.lora_target_modules

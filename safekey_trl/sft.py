@@ -14,9 +14,10 @@ from trl import ModelConfig, TrlParser
 
 from .config import SafeKeyConfig, SafeKeyScriptArguments
 from .data import FeaturizeStats, featurize, load_safekey_dataset
+from .data.chat_formats import resolve_chat_format
 from .data.mixture import dataset_label, load_mixture
 from .export import check_safetensors_files
-from .modeling import load_model_and_tokenizer, lora_config
+from .modeling import apply_tokenizer_settings, load_model_and_tokenizer, lora_config, train_added_tokens
 from .resources import accelerate_configs_dir, recipes_dir, resolve_dataset_path
 from .resume import resolve_resume_from_checkpoint
 from .tracking import check_trackers_installed
@@ -112,6 +113,22 @@ def resume_checkpoint(training_args: SafeKeyConfig) -> Path | None:
     return Path(resume)
 
 
+def recipe_chat_format(script_args: SafeKeyScriptArguments, tokenizer):
+    """The family a recipe renders its examples in: `chat_format`, `chat_format_turn`, `chat_template_kwargs`."""
+    return resolve_chat_format(
+        tokenizer, script_args.chat_format, script_args.chat_format_turn, script_args.chat_template_kwargs
+    )
+
+
+def check_recipe_data(script_args: SafeKeyScriptArguments) -> None:
+    """A recipe names its data, as TRL's `sft` script requires: there is no default dataset."""
+    if not script_args.datasets and not script_args.dataset_name:
+        raise ValueError(
+            "The recipe names no data: set `dataset_name` (a SafeKey-format file or a Hub dataset) or a `datasets` "
+            "mixture (a misspelt key is not read)."
+        )
+
+
 def load_mixture_dataset(script_args: SafeKeyScriptArguments, tokenizer, training_args: SafeKeyConfig, log_counts):
     """Featurise a recipe's data mixture; with `test_split_size`, also hold out an evaluation set from it."""
     examples, report = load_mixture(script_args.datasets, skip_invalid=script_args.skip_invalid)
@@ -121,7 +138,7 @@ def load_mixture_dataset(script_args: SafeKeyScriptArguments, tokenizer, trainin
         training_args.max_length,
         skip_invalid=script_args.skip_invalid,
         report=report.invalid,
-        chat_format=script_args.chat_format,
+        chat_format=recipe_chat_format(script_args, tokenizer),
         num_proc=training_args.dataset_num_proc,
     )
     log_counts("mixture", stats, report.invalid.count)
@@ -135,8 +152,9 @@ def train(
     script_args: SafeKeyScriptArguments, training_args: SafeKeyConfig, model_args: ModelConfig
 ) -> SafeKeySFTTrainer:
     """Run a SafeKey training and save the final model; returns the trainer."""
-    # A tracker the recipe asks for must be there before minutes go into loading a model
+    # A tracker the recipe asks for, and data, must be there before minutes go into loading a model
     check_trackers_installed(training_args.report_to)
+    check_recipe_data(script_args)
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {output_dir}: exists and is not a directory")
@@ -147,6 +165,8 @@ def train(
     model, tokenizer = load_model_and_tokenizer(
         model_args, trust_remote_code=training_args.trust_remote_code, dequantize_mxfp4=script_args.dequantize_mxfp4
     )
+    # The recipe's chat template, EOS and pad tokens, before the data is rendered with them (TRL applies them later)
+    added_tokens = apply_tokenizer_settings(tokenizer, training_args, model)
 
     def log_counts(name: str, stats: FeaturizeStats, invalid: int) -> None:
         logger.info(
@@ -167,7 +187,7 @@ def train(
             training_args.max_length,
             split=split,
             skip_invalid=script_args.skip_invalid,
-            chat_format=script_args.chat_format,
+            chat_format=recipe_chat_format(script_args, tokenizer),
             num_proc=training_args.dataset_num_proc,
         )
         log_counts(name, stats, report.count)
@@ -180,13 +200,15 @@ def train(
         eval_dataset = None
     if script_args.eval_dataset_name:
         eval_dataset = load(script_args.eval_dataset_name, "test")
+    peft_config = lora_config(model_args)
+    train_added_tokens(peft_config, added_tokens)
     trainer = SafeKeySFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(model_args),
+        peft_config=peft_config,
     )
     if script_args.datasets:
         trainer.dataset_names = [dataset_label(config) for config in script_args.datasets]

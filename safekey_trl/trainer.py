@@ -28,6 +28,7 @@ from .heads import (
     split_head_state,
 )
 from .lm_head import add_tiled_lm_head, supports_tiled_lm_head
+from .modeling import apply_tokenizer_settings
 from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
 from .model_card import RunFacts, final_terms, render_model_card
 from .resume import check_checkpoint_settings, resolve_resume_from_checkpoint, safekey_settings, save_safekey_settings
@@ -93,6 +94,9 @@ class SafeKeySFTTrainer(SFTTrainer):
             if not name:
                 raise ValueError("The model has no name or path to load a tokenizer from: pass `processing_class`.")
             processing_class = AutoTokenizer.from_pretrained(name)
+        # `chat_template_path`, `eos_token` and `pad_token` before featurising and building the collator (TRL
+        # applies them again in `SFTTrainer.__init__`, which then changes nothing)
+        apply_tokenizer_settings(processing_class, args, None if isinstance(model, str) else model)
         train_dataset = self._featurize_if_needed(train_dataset, processing_class, args)
         eval_dataset = self._featurize_if_needed(eval_dataset, processing_class, args)
         if kwargs.get("data_collator") is None:

@@ -139,3 +139,59 @@ def test_data_commands_count_rows_with_k_in_the_answer(command):
     result = runner.invoke(app, ["data", command, str(fixture)])
     assert result.exit_code == 0, result.output
     assert "K in the answer (outside the trace): 4" in result.output
+
+
+def test_the_recipes_template_and_eos_are_the_ones_trained_on(tmp_path):
+    """`chat_template_path`, `eos_token` and `pad_token` are applied before the data is rendered: the trained text is
+    the new template's and ends with the new EOS, and the saved tokenizer and model agree."""
+    from safekey_trl.sft import train
+
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    eos, pad = "<｜tool▁sep｜>", "<｜tool▁outputs▁end｜>"
+    out = tmp_path / "out"
+    overrides = ["--chat_template_path", str(template), "--chat_format", "verbatim", "--eos_token", eos]
+    overrides += ["--pad_token", pad, "--max_steps", "1", "--output_dir", str(out), "--save_strategy", "no"]
+    trainer = train(*parse_recipe("tiny", overrides))
+    tokenizer = trainer.processing_class
+    row = json.loads(SAMPLE_DATA.read_text().splitlines()[0])
+    text = tokenizer.decode(trainer.train_dataset[0]["input_ids"])
+    assert text == f"[user] {row['question']}\n[assistant] {row['response']}{eos}"
+    assert trainer.train_dataset[0]["input_ids"][-1] == tokenizer.convert_tokens_to_ids(eos)
+    assert trainer.data_collator.pad_token_id == tokenizer.convert_tokens_to_ids(pad)
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.chat_template == template.read_text() and saved.eos_token == eos and saved.pad_token == pad
+    assert tokenizer.convert_tokens_to_ids(eos) in trainer.model.generation_config.eos_token_id
+
+
+def test_a_recipe_without_data_is_an_error_as_in_trl(tmp_path):
+    recipe = tmp_path / "nodata.yaml"
+    recipe.write_text("\n".join(line for line in (ROOT / "recipes" / "tiny.yaml").read_text().splitlines() if (
+        not line.startswith("dataset_name")
+    )))
+    result = runner.invoke(app, ["train", "--config", str(recipe), "--max_steps", "1", "--output_dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "The recipe names no data: set `dataset_name`" in result.output.replace("\n", "")
+    # The tiny recipe names the sample itself
+    script_args, _, _ = parse_recipe("tiny")
+    assert script_args.dataset_name == "data/safekey_sample.jsonl"
+
+
+@pytest.mark.parametrize("flag", ["--accelerate", "--accelerate_config", "--accelerate-config"])
+def test_trls_accelerate_config_flag_names_the_accelerate_config(monkeypatch, flag):
+    launched = []
+    monkeypatch.setattr(subprocess, "run", lambda command: launched.append(command) or subprocess.CompletedProcess(
+        command, 0
+    ))
+    result = runner.invoke(app, ["train", "--config", "tiny", flag, "ddp", "--num_processes", "2"])
+    assert result.exit_code == 0, result.output
+    (command,) = launched
+    assert command[command.index("--config_file") + 1].endswith("ddp.yaml")
+    assert command[command.index("--num_processes") + 1] == "2"
+    result = runner.invoke(app, ["train", "--config", "tiny", flag, "nope"])
+    assert result.exit_code == 2 and "No accelerate config 'nope'" in result.output

@@ -83,5 +83,5 @@ def test_train_help_lists_the_safekey_fields_with_their_defaults():
     for field, default in [("qmm_weight", 0.2), ("head_weight", 0.2), ("head_theta", 0.5), ("auxiliary_epochs", 2)]:
         assert f"--{field} (default: {default}):" in text
     assert "--qmm_mask_query (default: True)" in text and "--head_detach_hidden (default: False)" in text
-    assert "--dataset_name (default: data/safekey_sample.jsonl)" in text and "--datasets (default: [])" in text
+    assert "--dataset_name (default: None)" in text and "--datasets (default: [])" in text
     assert "Every other field of TRL's SFTConfig" in text and "https://huggingface.co/docs/trl/sft_trainer" in text
