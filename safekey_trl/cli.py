@@ -1,5 +1,6 @@
 """The `safekey-trl` command line: `train`, `export`, `data validate|inspect|convert|annotate|stats`, `eval`,
-`eval-report` and `eval-probes`. The commands are thin: the logic lives in the modules they import."""
+`eval-report` and `eval-probes`. The commands are thin: the logic lives in the modules they import, each inside the
+command that needs it, so that `--help` and `recipes` start at once, without loading torch, transformers or TRL."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from .cli_style import TRL_STYLE, recipe_fields_help
-from .data import SafeKeyDataError, featurize, load_examples, tokenize_example
-from .data.chat_formats import resolve_chat_format
+from .cli_style import TRL_STYLE, RecipeHelpCommand
 
 # TRL's flag style everywhere: `--max_length`, `--skip_invalid true`; the dashed spellings are hidden aliases
 app = typer.Typer(help="SafeKey safety alignment for reasoning models, on TRL.", no_args_is_help=True, **TRL_STYLE)
@@ -33,6 +32,8 @@ console = Console(soft_wrap=True)
 def _bad_input(invalid_hint: str = "") -> Iterator[None]:
     """Turn bad input into one clear line and an exit code, never a traceback: 1 for rows that break the format
     (the message names the file, the row and the field), 2 for anything else wrong with the input or options."""
+    from .data.rows import SafeKeyDataError
+
     try:
         yield
     except SafeKeyDataError as error:
@@ -44,11 +45,22 @@ def _bad_input(invalid_hint: str = "") -> Iterator[None]:
 
 
 TokenizerOption = Annotated[
-    str, typer.Option(help="Tokenizer name or path; `tiny:qwen2` is the embedded offline one.")
+    str | None,
+    typer.Option(
+        help="Tokenizer name or path; `tiny:qwen2` is the embedded offline one. Default: the recipe's model with "
+        "--recipe, else tiny:qwen2 (a toy's counts)."
+    ),
+]
+RecipeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Count as a recipe trains: its model's tokenizer, chat template settings and max_length; without FILE, "
+        "its data (`dataset_name` or the `datasets` mixture)."
+    ),
 ]
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=recipe_fields_help())
+@app.command(cls=RecipeHelpCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
     recipe: Annotated[
@@ -64,7 +76,12 @@ def train(
     ] = False,
     accelerate: Annotated[
         str | None,
-        typer.Option(help="Launch with accelerate: a config in recipes/accelerate/ (ddp, zero3, fsdp...) or a path."),
+        typer.Option(
+            "--accelerate",
+            "--accelerate_config",
+            help="Launch with accelerate: a config in recipes/accelerate/ (ddp, zero3, fsdp...) or a path "
+            "(TRL: --accelerate_config).",
+        ),
     ] = None,
     num_processes: Annotated[int | None, typer.Option(help="Processes in all (with --accelerate).")] = None,
     num_machines: Annotated[int | None, typer.Option(help="Nodes (with --accelerate).")] = None,
@@ -172,7 +189,8 @@ TemplateOption = Annotated[
     str | None,
     typer.Option(
         help="Render in a model family's format: a family (r1_distill, deepseek_v3, qwen3, gpt_oss, nemotron_3, "
-        "glm4_moe, gemma4) or a .jinja chat template file. Default: the tokenizer's own template."
+        "glm4_moe, gemma4, phi4_reasoning, olmo3_think) or a .jinja chat template file. Default: the tokenizer's own "
+        "template."
     ),
 ]
 
@@ -182,38 +200,123 @@ def _tokenizer(name: str, template: str | None = None):
     from .data.chat_formats import CHAT_FORMATS, family_template
     from .tiny import build_tiny_tokenizer, is_tiny_model_name, load_tokenizer
 
-    if template is None:
-        return load_tokenizer(name)
     if is_tiny_model_name(name) and template in CHAT_FORMATS:
         return build_tiny_tokenizer(family=template)
-    chat_template = family_template(template)
-    tokenizer = load_tokenizer(name)
-    tokenizer.chat_template = chat_template
+    try:
+        tokenizer = load_tokenizer(name)
+    except OSError as error:  # not found, or offline without a cached copy
+        raise ValueError(
+            f"cannot load the tokenizer {name!r}: {str(error).splitlines()[0]} (pass --tokenizer; tiny:qwen2 works "
+            "offline)"
+        ) from None
+    if template is not None:
+        tokenizer.chat_template = family_template(template)
     return tokenizer
+
+
+@dataclasses.dataclass
+class _Counting:
+    """What a data command counts with: the tokenizer, the rendering, `max_length`, and the recipe's data."""
+
+    tokenizer: object
+    chat_format: object  # a ResolvedFormat
+    max_length: int | None
+    described: str  # which tokenizer counted, in words
+    script_args: object | None = None
+
+
+def _counting(tokenizer: str | None, template: str | None, recipe: str | None, max_length: int | None) -> _Counting:
+    """The tokenizer a data command counts with: `--tokenizer`, else the recipe's model's (with the recipe's
+    `chat_template_path`, `eos_token`, `pad_token`, chat format and `max_length`), else the toy tiny one."""
+    from .data.chat_formats import resolve_chat_format
+
+    if recipe is None:
+        name = tokenizer or "tiny:qwen2"
+        tok = _tokenizer(name, template)
+        described = name if tokenizer else f"{name} (the embedded toy tokenizer: --recipe or --tokenizer for a model's)"
+        return _Counting(tok, resolve_chat_format(tok), max_length, described)
+    from .modeling import apply_tokenizer_settings
+    from .sft import parse_recipe, recipe_chat_format
+
+    # Parsed as the dry run parses it: a GPU recipe's bf16 need not stop a CPU machine from counting
+    script_args, training_args, model_args = parse_recipe(recipe, ["--use_cpu", "true"])
+    name = tokenizer or model_args.model_name_or_path
+    tok = _tokenizer(name, template)
+    if template is None:
+        apply_tokenizer_settings(tok, training_args)
+        chat_format = recipe_chat_format(script_args, tok)
+    else:
+        chat_format = resolve_chat_format(tok)
+    described = f"{name} ({'--tokenizer' if tokenizer else f'the model of recipe {recipe}'})"
+    length = max_length if max_length is not None else training_args.max_length
+    return _Counting(tok, chat_format, length, described, script_args)
+
+
+def _data_to_count(file: str | None, counting: _Counting, recipe: str | None, skip_invalid: bool):
+    """FILE's examples, or the recipe's data: `(examples, invalid-row report, label, mixture description)`."""
+    from .data import load_examples
+    from .resources import resolve_dataset_path
+
+    if file is not None:
+        examples, report = load_examples(file, skip_invalid=skip_invalid)
+        return examples, report, file, None
+    if recipe is None:
+        raise ValueError("give a FILE or --recipe")
+    from .data.mixture import load_mixture
+    from .sft import check_recipe_data
+
+    script_args = counting.script_args
+    check_recipe_data(script_args)
+    if script_args.datasets:
+        examples, mixture = load_mixture(script_args.datasets, skip_invalid=skip_invalid)
+        return examples, mixture.invalid, f"{recipe} mixture", mixture.describe()
+    name = resolve_dataset_path(script_args.dataset_name)
+    examples, report = load_examples(name, split=script_args.dataset_train_split, skip_invalid=skip_invalid)
+    return examples, report, name, None
 
 
 @data_app.command()
 def validate(
-    file: Annotated[str, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")],
-    tokenizer: TokenizerOption = "tiny:qwen2",
+    file: Annotated[
+        str | None, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")
+    ] = None,
+    tokenizer: TokenizerOption = None,
     template: TemplateOption = None,
-    max_length: Annotated[int | None, typer.Option(help="Count the K spans this length would cut.")] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Count the K spans this length would cut (default: the recipe's).")
+    ] = None,
     skip_invalid: Annotated[
         bool, typer.Option(help="Report every invalid row instead of stopping at the first.")
     ] = True,
+    recipe: RecipeOption = None,
 ) -> None:
     """Check every row against the format and a tokenizer; report counts."""
+    from .data import featurize
+
     with _bad_input():
-        examples, report = load_examples(file, skip_invalid=skip_invalid)
+        counting = _counting(tokenizer, template, recipe, max_length)
+        examples, report, file, mixture = _data_to_count(file, counting, recipe, skip_invalid)
         rows_read = len(examples) + report.count
-        tok = _tokenizer(tokenizer, template)
-        _, stats = featurize(examples, tok, max_length, skip_invalid=skip_invalid, report=report)
-        rendered_as = resolve_chat_format(tok).template_name
-    invalid_rows = {error.row for error in report.errors}
-    valid = [example for example in examples if example.row not in invalid_rows]
-    harmful = sum(example.unsafe for example in valid)
-    console.print(f"{file}: {rows_read} rows read, rendered in the {rendered_as} format")
-    console.print(f"  valid: {len(valid)} ({harmful} harmful, {len(valid) - harmful} benign)")
+        max_length = counting.max_length
+        _, stats = featurize(
+            examples,
+            counting.tokenizer,
+            max_length,
+            skip_invalid=skip_invalid,
+            report=report,
+            chat_format=counting.chat_format,
+        )
+    invalid_rows = {(error.source, error.row) for error in report.errors}
+    valid = [example for example in examples if (example.source, example.row) not in invalid_rows]
+    harmful = sum(example.unsafe for example in valid if not example.lm_only)
+    lm_only = sum(example.lm_only for example in valid)
+    if mixture is not None:
+        console.print(escape(mixture))
+    console.print(f"{file}: {rows_read} rows read, rendered in the {counting.chat_format.template_name} format")
+    console.print(f"  tokens counted with {escape(counting.described)}")
+    console.print(f"  valid: {len(valid)} ({harmful} harmful, {len(valid) - harmful - lm_only} benign)")
+    if lm_only:
+        console.print(f"  LM-only (no U/K, plain SFT): {lm_only}")
     console.print(f"  K in the answer (outside the trace): {sum(example.key_in_answer for example in valid)}")
     if report.duplicates:
         console.print(f"[yellow]  {escape(report.duplicates_summary())}[/yellow]")
@@ -233,10 +336,15 @@ def validate(
 def inspect(
     file: Annotated[str, typer.Argument(help="A .jsonl, .json or .parquet file, or a Hub dataset name.")],
     row: Annotated[int, typer.Option(help="1-based row number (the line number in a .jsonl file).")] = 1,
-    tokenizer: TokenizerOption = "tiny:qwen2",
+    tokenizer: TokenizerOption = None,
     template: TemplateOption = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Render as a recipe trains: its model's tokenizer and chat template settings.")
+    ] = None,
 ) -> None:
     """Show one row's query, U, K and the rest as the tokenizer sees them, coloured by segment."""
+    from .data import load_examples, tokenize_example
+
     with _bad_input():
         examples, _ = load_examples(file, skip_invalid=True)
     matches = [example for example in examples if example.row == row]
@@ -245,9 +353,9 @@ def inspect(
         raise typer.Exit(1)
     example = matches[0]
     with _bad_input():
-        tok = _tokenizer(tokenizer, template)
-        rendered_as = resolve_chat_format(tok).template_name
-        tokenized = tokenize_example(example, tok)
+        counting = _counting(tokenizer, template, recipe, None)
+        tok = counting.tokenizer
+        tokenized = tokenize_example(example, tok, counting.chat_format)
     input_ids, prompt_len = tokenized.input_ids, tokenized.prompt_len
     key_start, key_end = tokenized.key_start, tokenized.key_end
     segments = [
@@ -258,8 +366,9 @@ def inspect(
     ]
     console.print(
         f"{file} row {row}: {'harmful' if example.unsafe else 'benign'}, {len(input_ids)} tokens, "
-        f"in the {rendered_as} format"
+        f"in the {counting.chat_format.template_name} format"
     )
+    console.print(f"  tokens counted with {escape(counting.described)}")
     text = Text()
     for name, start, end, style in segments:
         console.print(f"  [{style}]{name}[/{style}]: tokens [{start}, {end})")
@@ -481,7 +590,7 @@ def eval_probes(
 
     from rich.table import Table
 
-    from .data import load_safekey_dataset
+    from .data import SafeKeyDataError, load_safekey_dataset
     from .evaluation import load_eval_model
     from .heads import HEAD_WEIGHTS_NAME, DualPathSafetyHead
     from .probes import probe_metrics
@@ -601,32 +710,22 @@ def stats(
     file: Annotated[
         str | None, typer.Argument(help="A SafeKey-format .jsonl, .json or .parquet file, or a Hub name.")
     ] = None,
-    tokenizer: TokenizerOption = "tiny:qwen2",
-    max_length: Annotated[int | None, typer.Option(help="Count the K spans this length would cut.")] = None,
-    recipe: Annotated[
-        str | None, typer.Option(help="Show a recipe's data instead of FILE: its `datasets` mixture, or dataset_name.")
+    tokenizer: TokenizerOption = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Count the K spans this length would cut (default: the recipe's).")
     ] = None,
+    recipe: RecipeOption = None,
 ) -> None:
     """Rows, harmful/benign balance, U and K lengths in tokens, and the K spans `max_length` would cut."""
-    from .data.stats import compute_example_stats, compute_stats, render_stats
+    from .data.stats import compute_example_stats, render_stats
 
-    if (file is None) == (recipe is None):
-        console.print("[red]error:[/red] give a FILE or --recipe, not both")
-        raise typer.Exit(2)
     with _bad_input():
-        if recipe is None:
-            measured = compute_stats(file, _tokenizer(tokenizer), max_length)
-        else:
-            from .data.mixture import load_mixture
-            from .sft import parse_recipe
-
-            script_args, _, _ = parse_recipe(recipe)
-            if not script_args.datasets:
-                file = script_args.dataset_name
-                measured = compute_stats(file, _tokenizer(tokenizer), max_length)
-            else:
-                examples, report = load_mixture(script_args.datasets, skip_invalid=True)
-                console.print(escape(report.describe()))
-                file = f"{recipe} mixture"
-                measured = compute_example_stats(examples, report.invalid, _tokenizer(tokenizer), max_length)
+        counting = _counting(tokenizer, None, recipe, max_length)
+        examples, report, file, mixture = _data_to_count(file, counting, recipe, skip_invalid=True)
+        if mixture is not None:
+            console.print(escape(mixture))
+        measured = compute_example_stats(
+            examples, report, counting.tokenizer, counting.max_length, counting.chat_format
+        )
     console.print(escape(render_stats(measured, file)))
+    console.print(f"  tokens counted with {escape(counting.described)}")

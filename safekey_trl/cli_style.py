@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 TRUE_VALUES = ("true", "1", "yes", "y", "on")
 FALSE_VALUES = ("false", "0", "no", "n", "off")
@@ -85,6 +85,19 @@ class TrlStyleGroup(TyperGroup):
 
 
 TRL_STYLE = {"cls": TrlStyleGroup, "context_settings": {"token_normalize_func": underscore_option}}
+
+
+class RecipeHelpCommand(TyperCommand):
+    """`train`: its help ends with the recipe's fields ([`recipe_fields_help`]), read from TRL's and SafeKey's configs
+    only when the help is shown, so that defining the command imports neither."""
+
+    @property
+    def epilog(self) -> str:
+        return recipe_fields_help()
+
+    @epilog.setter
+    def epilog(self, value: str | None) -> None:  # Click sets it at construction; the property computes it
+        pass
 
 
 def recipe_fields_help() -> str:

@@ -195,3 +195,49 @@ def test_trls_accelerate_config_flag_names_the_accelerate_config(monkeypatch, fl
     assert command[command.index("--num_processes") + 1] == "2"
     result = runner.invoke(app, ["train", "--config", "tiny", flag, "nope"])
     assert result.exit_code == 2 and "No accelerate config 'nope'" in result.output
+
+
+@pytest.mark.parametrize("command", ["validate", "stats"])
+def test_data_commands_count_with_the_recipes_tokenizer_and_say_which(tmp_path, command):
+    from safekey_trl.data import featurize, load_examples
+    from safekey_trl.tiny import load_tokenizer
+
+    recipe = tmp_path / "qwen3.yaml"
+    recipe.write_text(
+        f"model_name_or_path: tiny:qwen3\ndataset_name: {SAMPLE_DATA}\nmax_length: 160\nuse_cpu: true\nbf16: false\n"
+    )
+    examples, _ = load_examples(str(SAMPLE_DATA))
+    _, expected = featurize(examples, load_tokenizer("tiny:qwen3"), 160)
+    _, toy = featurize(examples, load_tokenizer("tiny:qwen2"), 160)
+    assert expected.key_truncated != toy.key_truncated  # the tokenizer matters to the count
+    cut = f"K cut by max_length=160: {expected.key_truncated}" if command == "validate" else (
+        f"max_length=160: K cut in {expected.key_truncated}"
+    )
+    for arguments in ([str(SAMPLE_DATA), "--recipe", str(recipe)], ["--recipe", str(recipe)]):
+        result = runner.invoke(app, ["data", command, *arguments])
+        assert result.exit_code == 0, result.output
+        output = " ".join(result.output.split())
+        assert f"tokens counted with tiny:qwen3 (the model of recipe {recipe})" in output
+        assert cut in output
+    result = runner.invoke(app, ["data", command, str(SAMPLE_DATA)])
+    assert "tokens counted with tiny:qwen2 (the embedded toy tokenizer" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", [["--help"], ["recipes"]])
+def test_help_and_recipes_load_no_training_stack(command):
+    """`safekey-trl --help` and `recipes` import neither torch, transformers, TRL nor bitsandbytes (so they print no
+    bitsandbytes warning and start at once); checked on what Python imported, not on a clock."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "safekey_trl", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    heavy = {"torch", "transformers", "trl", "bitsandbytes", "datasets", "peft", "accelerate"}
+    assert not {name for name in imported if name.split(".")[0] in heavy}
+    assert "safekey_trl.cli" in imported
+    warnings = [line for line in result.stderr.splitlines() if not line.startswith("import time")]
+    assert not warnings

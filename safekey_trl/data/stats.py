@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
-
+from .chat_formats import AUTO, ResolvedFormat, resolve_chat_format
 from .featurize import tokenize_example
 from .reading import load_examples
 from .rows import InvalidRowReport, SafeKeyDataError, SafeKeyExample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -62,16 +65,23 @@ class DataStats:
     report: InvalidRowReport = field(default_factory=InvalidRowReport)
 
 
-def example_lengths(example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int, int]:
+def example_lengths(
+    example: SafeKeyExample, tokenizer: PreTrainedTokenizerBase, chat_format: str | ResolvedFormat = AUTO
+) -> tuple[int, int, int, int]:
     """`(prompt_len, key_start, key_end, total)` token positions of one example, as `featurize` computes them."""
-    tokenized = tokenize_example(example, tokenizer)
+    tokenized = tokenize_example(example, tokenizer, chat_format)
     return tokenized.prompt_len, tokenized.key_start, tokenized.key_end, len(tokenized.input_ids)
 
 
-def compute_stats(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> DataStats:
+def compute_stats(
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    chat_format: str | ResolvedFormat = AUTO,
+) -> DataStats:
     """Measure a SafeKey file; invalid rows are counted in `stats.report`, not measured."""
     examples, report = load_examples(path, skip_invalid=True)
-    return compute_example_stats(examples, report, tokenizer, max_length)
+    return compute_example_stats(examples, report, tokenizer, max_length, chat_format)
 
 
 def compute_example_stats(
@@ -79,8 +89,12 @@ def compute_example_stats(
     report: InvalidRowReport,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None = None,
+    chat_format: str | ResolvedFormat = AUTO,
 ) -> DataStats:
-    """Measure validated examples (`report`: the rows already found invalid); LM-only examples are only counted."""
+    """Measure validated examples (`report`: the rows already found invalid); LM-only examples are only counted.
+    They are rendered in `chat_format` (a family name, or one resolved with a recipe's settings)."""
+    if not isinstance(chat_format, ResolvedFormat):
+        chat_format = resolve_chat_format(tokenizer, chat_format)
     stats = DataStats(max_length=max_length, report=report)
     stats.rows = len(examples) + report.count
     for example in examples:
@@ -88,7 +102,7 @@ def compute_example_stats(
             stats.lm_only += 1
             continue
         try:
-            prompt_len, key_start, key_end, total = example_lengths(example, tokenizer)
+            prompt_len, key_start, key_end, total = example_lengths(example, tokenizer, chat_format)
         except SafeKeyDataError as error:
             report.errors.append(error)
             continue
