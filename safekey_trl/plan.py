@@ -11,6 +11,7 @@ gradients (as much again); gradient checkpointing runs the layers' forward once 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -272,20 +273,46 @@ class TrainingPlan:
         return "\n".join(lines)
 
 
+# How long the dry run waits for the Hub to answer before planning offline
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hub answers at all: no at once under `HF_HUB_OFFLINE`, else one request to the endpoint with a
+    short timeout and no retries (any HTTP answer counts), so that a machine without network plans from the cache or
+    a built-in shape at once instead of waiting through the Hub client's retries."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # no route, refused, reset, timed out, a malformed endpoint
+        return False
+    return True
+
+
 def _model_config(model_args: ModelConfig, trust_remote_code: bool, notes: list[str]) -> PretrainedConfig:
     name = model_args.model_name_or_path
     if is_tiny_model_name(name):
         return tiny_config(tiny_tokenizer(tiny_architecture(name)), tiny_architecture(name))
+    online = Path(name).is_dir() or hub_reachable()
     try:
         return AutoConfig.from_pretrained(
-            name, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+            name, revision=model_args.model_revision, trust_remote_code=trust_remote_code, local_files_only=not online
         )
     except OSError as error:
+        why = "offline?" if online else "offline: the Hub did not answer, and it is not in the cache"
         if name in KNOWN_CONFIGS:
             model_type, fields = KNOWN_CONFIGS[name]
-            notes.append(f"{name}'s config could not be read (offline?): planned with its built-in shape")
+            notes.append(f"{name}'s config could not be read ({why}): planned with its built-in shape")
             return AutoConfig.for_model(model_type, **fields)
-        raise ValueError(f"Cannot read the config of {name!r} (offline, or no such model): {error}") from None
+        raise ValueError(f"Cannot read the config of {name!r} ({why}, or no such model): {error}") from None
 
 
 def _lora_params(model: nn.Module, model_args: ModelConfig) -> int:

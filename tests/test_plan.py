@@ -95,3 +95,62 @@ def test_dry_run_of_the_real_recipes_on_a_cpu(recipe, trainable, total_gib):
     )
     assert costs.reference_extra_memory > 20 * costs.safekey_extra_memory
     assert plan.total == pytest.approx(costs.plain_memory + costs.safekey_extra_memory)
+
+
+class ClosingServer:
+    """A loopback TCP server that accepts each connection and closes it without a word, as a network that drops
+    everything would; it counts the connections."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.socket.settimeout(0.1)
+        self.connections = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.socket.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.socket.close()
+
+
+def test_dry_run_without_network_plans_offline_at_once(tmp_path):
+    """Without `HF_HUB_OFFLINE` and without a network, the dry run asks the Hub once, briefly, and plans from the
+    built-in shape: no retries (the Hub client would try five times, about 30 s on a machine with no route)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with ClosingServer() as server:
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "0",
+            "HF_ENDPOINT": f"http://127.0.0.1:{server.socket.getsockname()[1]}",
+            "HF_HOME": str(tmp_path / "hf"),  # an empty cache
+            "PYTHONPATH": str(ROOT),
+        }
+        command = [sys.executable, "-m", "safekey_trl", "train", "--config", "qwen3-8b", "--dry_run"]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert server.connections == 1
+    output = " ".join(result.stdout.split())
+    assert "Qwen/Qwen3-8B's config could not be read (offline: the Hub did not answer" in output
+    assert "8,190,735,360 total" in output
