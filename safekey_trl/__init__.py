@@ -25,7 +25,19 @@ _EXPORTS = {
     "load_safekey_dataset": ".data",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DualPathSafetyHead",
+    "SafeKeyConfig",
+    "SafeKeyDataCollator",
+    "SafeKeyDataError",
+    "SafeKeyExample",
+    "SafeKeySFTTrainer",
+    "SafeKeyScriptArguments",
+    "featurize",
+    "featurize_example",
+    "load_examples",
+    "load_safekey_dataset",
+]
 
 
 def __getattr__(name: str):

@@ -233,7 +233,7 @@ def _counting(tokenizer: str | None, template: str | None, recipe: str | None, m
     if recipe is None:
         name = tokenizer or "tiny:qwen2"
         tok = _tokenizer(name, template)
-        described = name if tokenizer else f"{name} (the embedded toy tokenizer: --recipe or --tokenizer for a model's)"
+        described = name if tokenizer else f"{name} (the embedded toy tokenizer: --recipe or --tokenizer for a model)"
         return _Counting(tok, resolve_chat_format(tok), max_length, described)
     from .modeling import apply_tokenizer_settings
     from .sft import parse_recipe, recipe_chat_format

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-
-import json
 from typing import Any
 
 from accelerate.parallelism_config import ParallelismConfig
@@ -250,7 +249,7 @@ class SafeKeyScriptArguments(DatasetMixtureConfig):
     )
     chat_template_kwargs: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "Chat template variables, as a mapping (JSON on the command line): {reasoning_effort: high}."},
+        metadata={"help": "Chat template variables, a mapping (JSON on the command line): {reasoning_effort: high}."},
     )
 
     def __post_init__(self):

@@ -75,9 +75,7 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def apply_tokenizer_settings(
-    tokenizer: PreTrainedTokenizerBase, args, model: PreTrainedModel | None = None
-) -> list:
+def apply_tokenizer_settings(tokenizer: PreTrainedTokenizerBase, args, model: PreTrainedModel | None = None) -> list:
     """Apply a config's `eos_token`, `chat_template_path` and `pad_token` to the tokenizer (and the model) now, as
     `SFTTrainer.__init__` would, so that SafeKey featurises with them: TRL applies them only when the trainer is
     built, after SafeKey has rendered and tokenized the data.

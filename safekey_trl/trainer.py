@@ -28,9 +28,9 @@ from .heads import (
     split_head_state,
 )
 from .lm_head import add_tiled_lm_head, supports_tiled_lm_head
-from .modeling import apply_tokenizer_settings
 from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
 from .model_card import RunFacts, final_terms, render_model_card
+from .modeling import apply_tokenizer_settings
 from .resume import check_checkpoint_settings, resolve_resume_from_checkpoint, safekey_settings, save_safekey_settings
 from .tracking import route_safekey_terms
 

@@ -247,7 +247,8 @@ def test_a_named_family_renders_a_modified_template_of_it():
     example = make_example(understanding=UNDERSTANDING, key=KEY, rest=REST, answer=ANSWER)
     with pytest.raises(ChatFormatError, match="not one SafeKey recognises"):
         render(example, tokenizer)
-    assert render(example, tokenizer, "qwen3").text == "Local preamble.\n" + render(example, family_tokenizer("qwen3")).text
+    original = render(example, family_tokenizer("qwen3")).text
+    assert render(example, tokenizer, "qwen3").text == "Local preamble.\n" + original
     with pytest.raises(ChatFormatError, match="chat template renders as 'gptoss', of the gpt_oss family"):
         render(example, family_tokenizer("gptoss"), "qwen3")
 
@@ -298,7 +299,8 @@ def test_data_inspect_and_validate_render_in_the_chosen_family(tmp_path):
 
 def reformatted(template: str) -> str:
     """The same template laid out differently: wider tag delimiters and a comment, which render nothing."""
-    return "{#- reformatted by hand #}" + template.replace("{%- ", "{%-  ").replace(" %}", "  %}").replace("{{ ", "{{  ")
+    wider = template.replace("{%- ", "{%-  ").replace(" %}", "  %}").replace("{{ ", "{{  ")
+    return "{#- reformatted by hand #}" + wider
 
 
 @pytest.mark.parametrize("stem", sorted(TEMPLATES))
@@ -416,7 +418,8 @@ EMPTY_TRACE_ROWS = ROOT / "tests" / "fixtures" / "empty_trace_rows.json"
 def test_the_prompt_is_tokenized_as_at_inference_on_empty_trace_rows(stem):
     """With Qwen's pre-tokenizer a run of newlines is one token: R1's `<think>\\n` and an empty trace's `\\n` would
     merge into `\\n\\n` if the whole text were tokenized at once, a prompt inference never produces."""
-    tokenizer = build_tiny_tokenizer(known_templates()[stem], family=TEMPLATES[stem], split_pattern=QWEN2_SPLIT_PATTERN)
+    template, family = known_templates()[stem], TEMPLATES[stem]
+    tokenizer = build_tiny_tokenizer(template, family=family, split_pattern=QWEN2_SPLIT_PATTERN)
     assert len(tokenizer("\n\n", add_special_tokens=False)["input_ids"]) == 1
     examples, _ = load_examples(str(EMPTY_TRACE_ROWS))
     for example in examples:

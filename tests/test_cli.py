@@ -171,9 +171,13 @@ def test_the_recipes_template_and_eos_are_the_ones_trained_on(tmp_path):
 
 def test_a_recipe_without_data_is_an_error_as_in_trl(tmp_path):
     recipe = tmp_path / "nodata.yaml"
-    recipe.write_text("\n".join(line for line in (ROOT / "recipes" / "tiny.yaml").read_text().splitlines() if (
-        not line.startswith("dataset_name")
-    )))
+    recipe.write_text(
+        "\n".join(
+            line
+            for line in (ROOT / "recipes" / "tiny.yaml").read_text().splitlines()
+            if (not line.startswith("dataset_name"))
+        )
+    )
     result = runner.invoke(app, ["train", "--config", str(recipe), "--max_steps", "1", "--output_dir", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert "The recipe names no data: set `dataset_name`" in result.output.replace("\n", "")
@@ -185,9 +189,9 @@ def test_a_recipe_without_data_is_an_error_as_in_trl(tmp_path):
 @pytest.mark.parametrize("flag", ["--accelerate", "--accelerate_config", "--accelerate-config"])
 def test_trls_accelerate_config_flag_names_the_accelerate_config(monkeypatch, flag):
     launched = []
-    monkeypatch.setattr(subprocess, "run", lambda command: launched.append(command) or subprocess.CompletedProcess(
-        command, 0
-    ))
+    monkeypatch.setattr(
+        subprocess, "run", lambda command: launched.append(command) or subprocess.CompletedProcess(command, 0)
+    )
     result = runner.invoke(app, ["train", "--config", "tiny", flag, "ddp", "--num_processes", "2"])
     assert result.exit_code == 0, result.output
     (command,) = launched
@@ -210,8 +214,10 @@ def test_data_commands_count_with_the_recipes_tokenizer_and_say_which(tmp_path, 
     _, expected = featurize(examples, load_tokenizer("tiny:qwen3"), 160)
     _, toy = featurize(examples, load_tokenizer("tiny:qwen2"), 160)
     assert expected.key_truncated != toy.key_truncated  # the tokenizer matters to the count
-    cut = f"K cut by max_length=160: {expected.key_truncated}" if command == "validate" else (
-        f"max_length=160: K cut in {expected.key_truncated}"
+    cut = (
+        f"K cut by max_length=160: {expected.key_truncated}"
+        if command == "validate"
+        else (f"max_length=160: K cut in {expected.key_truncated}")
     )
     for arguments in ([str(SAMPLE_DATA), "--recipe", str(recipe)], ["--recipe", str(recipe)]):
         result = runner.invoke(app, ["data", command, *arguments])
@@ -235,7 +241,8 @@ def test_help_and_recipes_load_no_training_stack(command):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")}
     heavy = {"torch", "transformers", "trl", "bitsandbytes", "datasets", "peft", "accelerate"}
     assert not {name for name in imported if name.split(".")[0] in heavy}
     assert "safekey_trl.cli" in imported

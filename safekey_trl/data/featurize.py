@@ -11,9 +11,9 @@ K's last token.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 from collections.abc import Iterable
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,9 +59,9 @@ def render(
     """Render an example in the format of the tokenizer's chat template, and map U and K into the rendering.
 
     The family comes from `tokenizer.chat_template` (or is named by `chat_format`, see
-    [`~safekey_trl.data.chat_formats.resolve_chat_format`]); the trace and the answer go where that family's template reads
-    them, and the rendered text is what the template renders for the conversation, its prompt part what it renders
-    at inference. U's and K's ends, character offsets into the SafeKey response, map into the rendered trace or
+    [`~safekey_trl.data.chat_formats.resolve_chat_format`]); the trace and the answer go where that family's template
+    reads them, and the rendered text is what the template renders for the conversation, its prompt part what it
+    renders at inference. U's and K's ends, character offsets into the SafeKey response, map into the rendered trace or
     answer by character offsets (a template that strips a trace's or an answer's ends shifts them accordingly).
     """
     resolved = chat_format if isinstance(chat_format, ResolvedFormat) else resolve_chat_format(tokenizer, chat_format)
@@ -193,6 +193,8 @@ def featurize_example(
 FEATURE_COLUMNS = ("input_ids", "labels", *SAFEKEY_FEATURES)
 # Per-row bookkeeping columns of the `map` in `featurize`, dropped from its output
 _STATUS_COLUMNS = ("error_field", "error_message", "has_response", "has_key")
+
+
 @functools.cache
 def _map_features() -> Features:
     """The column types of the `map` in `featurize`, fixed (`input_ids` as int32, as `datasets` infers them) so that
@@ -272,7 +274,8 @@ def _features_cache_file(
     from datasets import config
     from datasets.fingerprint import Hasher
 
-    code = [_featurize_record, featurize_example, tokenize_example, tokenize_prompt_and_completion, render, render_turn]
+    code = [_featurize_record, featurize_example, tokenize_example, tokenize_prompt_and_completion, render]
+    code.append(render_turn)
     key = Hasher.hash([records._fingerprint, *code, tokenizer, max_length, chat_format])
     directory = Path(config.HF_DATASETS_CACHE) / "safekey_features"
     directory.mkdir(parents=True, exist_ok=True)

@@ -93,9 +93,7 @@ def _render_full(
 ) -> str:
     if resolved.render_template is None:  # append, verbatim
         turn = _assistant_turn(resolved, tokenizer, prompt)
-        return prompt + turn.replace(TRACE, "\0T").replace(ANSWER, "\0A").replace("\0T", trace).replace(
-            "\0A", answer
-        )
+        return prompt + turn.replace(TRACE, "\0T").replace(ANSWER, "\0A").replace("\0T", trace).replace("\0A", answer)
     field_name = resolved.format.reasoning_field
     if field_name is None:
         message = {"role": "assistant", "content": f"<think>\n{trace}\n</think>\n\n{answer}"}
@@ -118,9 +116,11 @@ def _stripped(text: str) -> list[tuple[str, int]]:
 
 def _check_layout(layout: str, prompt: str, where: str) -> None:
     """A template that drops the final turn's reasoning (or answer) leaves nothing to place U and K in."""
-    missing = [name for name, sentinel in (("reasoning", _TRACE_SENTINEL), ("answer", _ANSWER_SENTINEL)) if (
-        sentinel not in layout
-    )]
+    missing = [
+        name
+        for name, sentinel in (("reasoning", _TRACE_SENTINEL), ("answer", _ANSWER_SENTINEL))
+        if (sentinel not in layout)
+    ]
     if not missing:
         return
     final_turn = layout[len(prompt) :] if layout.startswith(prompt) else layout[-200:]
