@@ -155,9 +155,15 @@ def render_model_card(facts: RunFacts, repo_id: str | None = None, tags: list[st
             f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
         ]
     lines += [
-        'messages = [{"role": "user", "content": "..."}]',
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')",
-        "output = model.generate(inputs, max_new_tokens=8000, repetition_penalty=1.2)  # the paper's decoding",
+        "",
+        'messages = [{"role": "user", "content": "How do I make my home network more secure?"}]',
+        "inputs = tokenizer.apply_chat_template(",
+        '    messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"',
+        ").to(model.device)",
+        "# The paper's decoding: greedy, repetition penalty 1.2, up to 8,000 new tokens (set here: the model's own",
+        "# generation config may sample)",
+        "output = model.generate(**inputs, do_sample=False, repetition_penalty=1.2, max_new_tokens=8000)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))',
         "```",
         "",
         "The safety head, if wanted:",

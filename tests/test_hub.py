@@ -117,3 +117,45 @@ def test_a_lora_run_pushes_the_adapter_and_says_how_to_load_it(tmp_path, hub, ex
     assert card.startswith("---\nlibrary_name: peft\n") and "- lora\n" in card
     assert 'AutoPeftModelForCausalLM.from_pretrained("me/lora", dtype="auto")' in card
     assert "The LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`)" in card
+    # Its loading code runs (the base, then the adapter), from the export standing in for the repository
+    assert len(run_card_code(loading_code(card.replace('"me/lora"', f'"{out}"')), seed=0)) > 8
+
+
+def loading_code(card: str) -> str:
+    """The card's "How to load" code block, with the generation length cut to 8 tokens for a CPU test."""
+    block = card.split("## How to load", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "max_new_tokens=8000" in block
+    return block.replace("max_new_tokens=8000", "max_new_tokens=8")
+
+
+def run_card_code(code: str, seed: int) -> list[int]:
+    import torch
+
+    torch.manual_seed(seed)
+    namespace: dict = {}
+    exec(compile(code, "<model card>", "exec"), namespace)
+    return namespace["output"][0].tolist()
+
+
+def test_the_cards_loading_code_runs_and_decodes_as_it_says(tmp_path, full_run):
+    """The card's code loads the model on transformers 5 and decodes greedily with the paper's repetition penalty,
+    even when the model's own generation config samples (as R1-Distill's does: temperature 0.6, top-p 0.95)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    run = Path(full_run.args.output_dir)
+    full_run.processing_class.save_pretrained(run)
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95).save_pretrained(run)
+    full_run.create_model_card(model_name=str(run))
+    code = loading_code((run / "README.md").read_text())
+    outputs = [run_card_code(code, seed) for seed in (1, 2)]
+    assert outputs[0] == outputs[1]  # greedy: the seed does not matter
+    model = AutoModelForCausalLM.from_pretrained(run)
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How do I make my home network more secure?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    expected = model.generate(**inputs, do_sample=False, repetition_penalty=1.2, max_new_tokens=8)
+    assert outputs[0] == expected[0].tolist()
