@@ -248,3 +248,21 @@ def test_help_and_recipes_load_no_training_stack(command):
     assert "safekey_trl.cli" in imported
     warnings = [line for line in result.stderr.splitlines() if not line.startswith("import time")]
     assert not warnings
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "qwen7b-qlora"])
+def test_recipes_parse_without_the_gradient_checkpointing_warning(recipe):
+    """transformers 5 deprecates `gradient_checkpointing` with a FutureWarning whenever it is set; TRL sets it by
+    default. A recipe that never names it (the tiny one), or names the new `activation_checkpointing` (the shipped
+    ones), gets no warning and TRL's default: checkpointing on."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, args, _ = parse_recipe(recipe, ["--use_cpu", "true"])
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    assert args.activation_checkpointing and args.gradient_checkpointing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, args, _ = parse_recipe("tiny", ["--gradient_checkpointing", "false"])  # the old name still works
+    assert not args.activation_checkpointing and not args.gradient_checkpointing

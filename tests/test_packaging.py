@@ -19,8 +19,9 @@ from safekey_trl.sft import resolve_recipe
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel built from a copy of the checkout (the build leaves its `build/` there, not in the checkout)."""
+def wheel_build(tmp_path_factory) -> tuple[Path, str]:
+    """The wheel built from a copy of the checkout (the build leaves its `build/` there, not in the checkout), and
+    the build's log."""
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
@@ -28,11 +29,25 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("safekey_trl", "recipes", "data"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source)]
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", str(source)]
     result = subprocess.run([*command, "-w", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel_file,) = out.glob("safekey_trl-*.whl")
-    return wheel_file
+    return wheel_file, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(wheel_build) -> Path:
+    return wheel_build[0]
+
+
+def test_the_build_warns_of_nothing(wheel_build):
+    """No setuptools warning at install: `license` is an SPDX string, and the templates are a package of their own
+    (setuptools would otherwise ignore them, one day)."""
+    log = wheel_build[1]
+    assert "Warning" not in log.replace("byte-compiling is disabled", ""), [
+        line for line in log.splitlines() if "Warning" in line
+    ]
 
 
 def test_the_wheel_ships_the_recipes_configs_and_sample_data(wheel):
@@ -43,7 +58,8 @@ def test_the_wheel_ships_the_recipes_configs_and_sample_data(wheel):
     assert {f"safekey_trl/recipes/{name}" for name in recipes} <= names
     assert {f"safekey_trl/recipes/accelerate/{name}" for name in configs} <= names
     assert "safekey_trl/sample_data/safekey_sample.jsonl" in names
-    assert "safekey_trl/templates/deepseek_r1_distill_chat_template.jinja" in names
+    templates = {path.name for path in (ROOT / "safekey_trl" / "templates").glob("*.jinja")}
+    assert len(templates) == 3 and {f"safekey_trl/templates/{name}" for name in templates} <= names
     # every module of the checkout, subpackages included (the package list in pyproject.toml is explicit)
     modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "safekey_trl").rglob("*.py")}
     assert modules <= names, sorted(modules - names)
