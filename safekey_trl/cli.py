@@ -380,6 +380,16 @@ def inspect(
 # Evaluation: `eval`, `eval-report`, `eval-probes` (the logic lives in evaluation/ and probes.py)
 
 
+def default_eval_dir(model: str):
+    """`<model's name>-eval`: beside a local model directory (a run's output_dir), else in the current directory."""
+    import re
+    from pathlib import Path
+
+    path = Path(model)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name or model).strip("_.") or "model"
+    return (path.parent if path.is_dir() else Path()) / f"{name}-eval"
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[
@@ -404,8 +414,15 @@ def eval_command(
         int | None, typer.Option(help="Draw N prompts of each suite with --seed (0: all). Default: the suite's own.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of --sample (default: the suite's, 42).")] = None,
+    output_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the results (and the weights of a LoRA adapter merged for vLLM) go. Default: <model's "
+            "name>-eval, beside a local model directory, else in the current one."
+        ),
+    ] = None,
     out: Annotated[
-        str | None, typer.Option(help="Results JSONL, appended to and resumed. Default: safekey_eval/<label>.jsonl.")
+        str | None, typer.Option(help="Results JSONL, appended to and resumed. Default: OUTPUT_DIR/<label>.jsonl.")
     ] = None,
     label: Annotated[str | None, typer.Option(help="The model's name in results and reports.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length limit [default: 8000].")] = None,
@@ -451,6 +468,8 @@ def eval_command(
     threshold: Annotated[int, typer.Option(help="A score at least this counts as harmful.")] = 4,
 ) -> None:
     """Generate answers to safety, over-refusal and capability suites, judge or score them, and print the rates."""
+    from pathlib import Path
+
     from .evaluation import (
         PRESETS,
         ClassifierJudge,
@@ -521,6 +540,7 @@ def eval_command(
                 rubric=rubric,
                 max_tokens=judge_max_tokens,
             )
+        directory = Path(output_dir) if output_dir is not None else default_eval_dir(model)
         generator, tokenizer = make_generator(
             model,
             backend,
@@ -529,8 +549,9 @@ def eval_command(
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
             lora_mode=lora,
+            merge_dir=directory / "merged",
         )
-        path = out or default_results_path(label)
+        path = out or directory / default_results_path(label).name
         rows = run_eval(prompts, generator, tokenizer, path, label, judge, sampling, {"judge_rubric": rubric})
     except (FileNotFoundError, ValueError, PromptFileError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")

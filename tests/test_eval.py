@@ -587,3 +587,37 @@ def test_eval_probes_command(tmp_path, model_dir):
     assert metrics["examples"] == 6 and len(metrics["per_example"]) == 6
     assert 0 <= metrics["head_accuracy"] <= 1 and 0 <= metrics["attention_understanding_share"] <= 1
     assert "attention_query_share_masked" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where eval writes
+
+
+def test_eval_writes_under_an_output_directory_named_after_the_model(tmp_path, model_dir, monkeypatch):
+    """Results (and any merged LoRA weights, full size) go under `--output_dir`, by default `<model>-eval` beside a
+    local model directory: never into `./safekey_eval/` of wherever the command runs."""
+    prompt_file = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    common = ["--suite", str(prompt_file), "--no_judge", "--backend", "transformers", "--max_new_tokens", "2"]
+    result = runner.invoke(app, ["eval", str(model_dir), *common, "--label", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert len(read_results(model_dir.parent / f"{model_dir.name}-eval" / "tiny.jsonl")) == 1
+    mine = tmp_path / "mine"
+    result = runner.invoke(app, ["eval", str(model_dir), *common, "--label", "tiny", "--output_dir", str(mine)])
+    assert result.exit_code == 0, result.output
+    assert len(read_results(mine / "tiny.jsonl")) == 1 and f"results: {mine / 'tiny.jsonl'}" in result.output
+    assert not list(work.iterdir())  # nothing in the current directory
+
+
+def test_a_merged_adapter_goes_under_the_output_directory(tmp_path, model_dir, monkeypatch):
+    from safekey_trl.evaluation import generation
+
+    merges = []
+    monkeypatch.setattr(generation, "vllm_available", lambda: True)
+    monkeypatch.setattr(generation, "plan_lora", lambda path, mode: generation.LoraPlan(str(path), "base", 8, "merge"))
+    monkeypatch.setattr(generation, "merge_adapter", lambda plan, out, dtype: merges.append(Path(out)) or model_dir)
+    monkeypatch.setattr(generation, "VLLMGenerator", lambda *args, **kwargs: "vllm")
+    generator, _ = generation.make_generator(str(model_dir), merge_dir=tmp_path / "out" / "merged")
+    assert generator == "vllm" and merges[0].parent == tmp_path / "out" / "merged"

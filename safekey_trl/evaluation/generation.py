@@ -320,8 +320,11 @@ def make_generator(
     max_model_len: int | None = PAPER_MAX_MODEL_LEN,
     lora_mode: str = "auto",
     seed: int = 0,
+    merge_dir: str | Path = Path("safekey_eval") / "merged",
 ) -> tuple[Generator, PreTrainedTokenizerBase]:
-    """The generator for a model and a backend (`transformers`, `vllm`, or `auto`: vllm where it can run)."""
+    """The generator for a model and a backend (`transformers`, `vllm`, or `auto`: vllm where it can run). A LoRA
+    adapter vLLM cannot serve is merged into its base under `merge_dir` (full-size weights: the eval's output
+    directory, which the command line names)."""
     if backend not in ("auto", "transformers", "vllm"):
         raise ValueError(f"Unknown backend {backend!r}: use auto, transformers or vllm.")
     if backend == "vllm" or (backend == "auto" and vllm_available()):
@@ -330,7 +333,7 @@ def make_generator(
         path = model_path(name)
         lora = plan_lora(path, lora_mode)
         if lora is not None and lora.mode == "merge":
-            merged = Path("safekey_eval") / "merged" / re.sub(r"[^A-Za-z0-9._-]+", "_", path).strip("_.")
+            merged = Path(merge_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", path).strip("_.")
             logger.info("merging the LoRA adapter %s into %s", path, lora.base)
             path, lora = str(merge_adapter(lora, merged, "bfloat16" if dtype == "auto" else dtype)), None
         tokenizer = AutoTokenizer.from_pretrained(path)
