@@ -12,11 +12,24 @@ NUM_PROCESSES ?=
 # on a GPU machine, install the CUDA build you need first, e.g. `make install TORCH_SPEC=torch==2.13.0`.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,eval
+# Offline (an air-gapped GPU machine): `make install WHEELHOUSE=wheelhouse` installs from that folder (or those
+# folders) alone, with no index; `make wheelhouse` fills it on a connected machine, for WHEEL_PYTHON and
+# WHEEL_PLATFORM, with every wheel the package and WHEEL_EXTRAS need beyond a CUDA PyTorch (scripts/wheelhouse.py).
+WHEELHOUSE ?=
+WHEEL_DIR ?= wheelhouse
+WHEEL_PYTHON ?= 3.11
+WHEEL_PLATFORM ?= manylinux_2_28_x86_64
+WHEEL_EXTRAS ?= deepspeed
+WHEEL_TORCH ?= 2.13.0
+ifneq ($(strip $(WHEELHOUSE)),)
+export PIP_NO_INDEX := 1
+export PIP_FIND_LINKS := $(abspath $(WHEELHOUSE))
+endif
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint bench gpu-check clean
+.PHONY: install train test lint bench gpu-check wheelhouse clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,9 +55,13 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m safekey_trl.gpu_check $(ARGS)
 
+wheelhouse: $(STAMP)
+	$(BIN)/python scripts/wheelhouse.py --dest $(WHEEL_DIR) --python-version $(WHEEL_PYTHON) \
+		--platform $(WHEEL_PLATFORM) --extras $(WHEEL_EXTRAS) --torch $(WHEEL_TORCH)
+
 lint: $(STAMP)
-	$(BIN)/ruff check safekey_trl tests bench data
-	$(BIN)/ruff format --check safekey_trl tests bench data
+	$(BIN)/ruff check safekey_trl tests bench data scripts
+	$(BIN)/ruff format --check safekey_trl tests bench data scripts
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
