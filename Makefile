@@ -21,6 +21,8 @@ WHEEL_PYTHON ?= 3.11
 WHEEL_PLATFORM ?= manylinux_2_28_x86_64
 WHEEL_EXTRAS ?= deepspeed
 WHEEL_TORCH ?= 2.13.0
+# `pip freeze` of the target (or package names alone): what it has already is left out
+WHEEL_INSTALLED ?=
 ifneq ($(strip $(WHEELHOUSE)),)
 export PIP_NO_INDEX := 1
 export PIP_FIND_LINKS := $(abspath $(WHEELHOUSE))
@@ -57,7 +59,8 @@ gpu-check: $(STAMP)
 
 wheelhouse: $(STAMP)
 	$(BIN)/python scripts/wheelhouse.py --dest $(WHEEL_DIR) --python-version $(WHEEL_PYTHON) \
-		--platform $(WHEEL_PLATFORM) --extras $(WHEEL_EXTRAS) --torch $(WHEEL_TORCH)
+		--platform $(WHEEL_PLATFORM) --extras $(WHEEL_EXTRAS) --torch $(WHEEL_TORCH) \
+		$(if $(WHEEL_INSTALLED),--installed $(WHEEL_INSTALLED))
 
 lint: $(STAMP)
 	$(BIN)/ruff check safekey_trl tests bench data scripts

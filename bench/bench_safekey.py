@@ -11,19 +11,22 @@ Runs, in one process and on the same batches:
   5. plain SFT through the tiled kernel (`SafeKeySFTTrainer`, both auxiliary weights 0): with (1), it shows SafeKey's
      own overhead with either LM-head kernel held fixed.
 
-Two model shapes, both scaled-down Qwen2 (`--shapes`):
+Model shapes, all Qwen2 (`--shapes`; the first two by default):
   - `7b-share`: the LM head takes the same share of a forward's multiply-adds at 4,096 tokens as in
     DeepSeek-R1-Distill-Qwen-7B (about 7%), with Qwen's MLP and grouped-query proportions; small enough for a
     4,096-token step on 2 CPU cores. Its ratios are what SafeKey costs in a real run (up to the attention share, which
     a narrow model at long sequences inflates: the FLOP table shows it).
   - `head-heavy`: Qwen's 152,064-token vocabulary against hidden size 128, 2 layers: the LM head is ~96% of the work,
     so its ratios are those of LM-head kernels.
+  - `7b-slice` (for a GPU): DeepSeek-R1-Distill-Qwen-7B's widths, heads and vocabulary with 2 of its 28 layers. On
+    CUDA the methods run one at a time, each model freed before the next is built.
 U+K end near 12% of each sequence, as in real traces. Peak memory is the growth of the process's peak resident set
 over the step (CPU; the high-water mark is reset before each step) or `torch.cuda.max_memory_allocated` growth (GPU).
 Next to the measured ratios, the ones a FLOP count expects (`safekey_trl.plan`).
 
     python bench/bench_safekey.py                       # CPU, both shapes, lengths 1024 2048 4096
-    python bench/bench_safekey.py --device cuda --dtype bfloat16 --attn flash_attention_2
+    python bench/bench_safekey.py --device cuda --dtype bfloat16 --attn flash_attention_2 --shapes 7b-slice \
+        --lengths 4096 8192
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ SHAPES: dict[str, Callable[[], ModelShape]] = {
     "head-heavy": lambda: ModelShape(
         hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=152064, head_dim=32
     ),
+    # DeepSeek-R1-Distill-Qwen-7B itself, cut to 2 of its 28 layers: its widths, heads and vocabulary (a GPU shape)
+    "7b-slice": lambda: ModelShape(**{**reference_shape().__dict__, "layers": 2}),
 }
+# What `make bench` measures by default, on a CPU
+DEFAULT_SHAPES = ("7b-share", "head-heavy")
 
 
 def make_batch(length: int, batch_size: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -136,8 +143,11 @@ def make_model(shape: ModelShape, args: argparse.Namespace) -> torch.nn.Module:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn, dtype=getattr(torch, args.dtype))
-    return model.to(args.device)
+    # Built where it runs: initialising a 7B slice's 1.5 billion weights on a CPU takes longer than the benchmark
+    with torch.device(args.device):
+        return AutoModelForCausalLM.from_config(
+            config, attn_implementation=args.attn, dtype=getattr(torch, args.dtype)
+        )
 
 
 def trainer_step(trainer: SFTTrainer, sft_only: bool) -> Callable[[dict], float]:
@@ -261,8 +271,8 @@ def peak_memory(step: Callable[[dict], float], batch: dict, args: argparse.Names
     return peak
 
 
-def build_steps(shape: ModelShape, args: argparse.Namespace, output_dir: str) -> dict[str, Callable[[dict], float]]:
-    """One step function per method, each on its own copy of the same initial model."""
+def build_step(method: str, shape: ModelShape, args: argparse.Namespace, output_dir: str) -> Callable[[dict], float]:
+    """The step function of one method, on its own copy of the same initial model."""
     tokenizer = build_tiny_tokenizer()  # only its pad token is used: the batches are token ids already
     common = dict(
         per_device_train_batch_size=args.batch_size,
@@ -271,12 +281,6 @@ def build_steps(shape: ModelShape, args: argparse.Namespace, output_dir: str) ->
         bf16=args.dtype == "bfloat16",
         learning_rate=1e-5,
         disable_tqdm=True,
-    )
-    plain = SFTTrainer(
-        make_model(shape, args),
-        SFTConfig(output_dir=output_dir, **common),
-        train_dataset=Dataset.from_dict({"input_ids": [[1, 2, 3]]}),
-        processing_class=tokenizer,
     )
     safekey_dummy = Dataset.from_dict(
         {
@@ -296,16 +300,76 @@ def build_steps(shape: ModelShape, args: argparse.Namespace, output_dir: str) ->
             make_model(shape, args), config, train_dataset=safekey_dummy, processing_class=tokenizer
         )
 
-    return {
-        "plain SFT": trainer_step(plain, sft_only=True),
-        "SafeKey, TRL head": trainer_step(safekey_trainer(lm_head_kernel="trl"), sft_only=False),
-        "SafeKey, tiled head": trainer_step(safekey_trainer(lm_head_kernel="tiled"), sft_only=False),
-        "reference": reference_step(make_model(shape, args), args),
-        "full-logits SFT": full_logits_sft_step(make_model(shape, args), args),
-        "plain SFT, tiled head": trainer_step(
-            safekey_trainer(lm_head_kernel="tiled", qmm_weight=0.0, head_weight=0.0), sft_only=False
-        ),
+    if method == "plain SFT":
+        plain = SFTTrainer(
+            make_model(shape, args),
+            SFTConfig(output_dir=output_dir, **common),
+            train_dataset=Dataset.from_dict({"input_ids": [[1, 2, 3]]}),
+            processing_class=tokenizer,
+        )
+        return trainer_step(plain, sft_only=True)
+    if method == "SafeKey, TRL head":
+        return trainer_step(safekey_trainer(lm_head_kernel="trl"), sft_only=False)
+    if method == "SafeKey, tiled head":
+        return trainer_step(safekey_trainer(lm_head_kernel="tiled"), sft_only=False)
+    if method == "reference":
+        return reference_step(make_model(shape, args), args)
+    if method == "full-logits SFT":
+        return full_logits_sft_step(make_model(shape, args), args)
+    if method == "plain SFT, tiled head":
+        return trainer_step(safekey_trainer(lm_head_kernel="tiled", qmm_weight=0.0, head_weight=0.0), sft_only=False)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def measure_one_at_a_time(
+    shapes: dict[str, ModelShape], batches: dict, args: argparse.Namespace, output_dir: str
+) -> tuple[dict, dict]:
+    """Time and memory of each method in turn, its model freed before the next is built (CUDA: a 7B slice's six
+    models and optimizer states would not fit together)."""
+    times, memory = {}, {}
+    for name, shape in shapes.items():
+        for method in METHODS:
+            step = build_step(method, shape, args, output_dir)
+            for length in args.lengths:
+                times[name, length, method] = time_steps(step, batches[name, length], args)
+                memory[name, length, method] = peak_memory(step, batches[name, length], args)
+                print(
+                    f"  {name}, {method} at {length}: {times[name, length, method]:.3f} s, "
+                    f"{memory[name, length, method]:.0f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            del step
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return times, memory
+
+
+def measure_all_built(
+    shapes: dict[str, ModelShape], batches: dict, args: argparse.Namespace, output_dir: str
+) -> tuple[dict, dict]:
+    """Every timing first, then every memory measurement (CPU: the latter changes glibc's allocator settings)."""
+    steps, times = {}, {}
+    for name, shape in shapes.items():
+        steps[name] = {method: build_step(method, shape, args, output_dir) for method in METHODS}
+        for length in args.lengths:
+            for method in METHODS:
+                times[name, length, method] = time_steps(steps[name][method], batches[name, length], args)
+                print(
+                    f"  timed {name}, {method} at {length}: {times[name, length, method]:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    if args.device == "cpu":
+        fix_mmap_threshold()
+    memory = {
+        (name, length, method): peak_memory(steps[name][method], batches[name, length], args)
+        for name in shapes
+        for length in args.lengths
+        for method in METHODS
     }
+    return times, memory
 
 
 def expected_ratios(shape: ModelShape, length: int) -> tuple[float, float]:
@@ -341,7 +405,7 @@ def print_flop_table(shapes: dict[str, ModelShape], lengths: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -363,26 +427,8 @@ def main() -> None:
         for name, shape in shapes.items()
         for length in args.lengths
     }
-    # Every timing first, then every memory measurement: the latter changes glibc's allocator settings
-    steps, times = {}, {}
-    for name, shape in shapes.items():
-        steps[name] = build_steps(shape, args, output_dir)
-        for length in args.lengths:
-            for method in METHODS:
-                times[name, length, method] = time_steps(steps[name][method], batches[name, length], args)
-                print(
-                    f"  timed {name}, {method} at {length}: {times[name, length, method]:.2f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    if args.device == "cpu":
-        fix_mmap_threshold()
-    memory = {
-        (name, length, method): peak_memory(steps[name][method], batches[name, length], args)
-        for name in shapes
-        for length in args.lengths
-        for method in METHODS
-    }
+    measure = measure_one_at_a_time if args.device == "cuda" else measure_all_built
+    times, memory = measure(shapes, batches, args, output_dir)
     # What `lm_head_kernel: auto` picks on this device
     default = "SafeKey, TRL head" if triton_runs_on(torch.device(args.device)) else "SafeKey, tiled head"
     print(f"# SafeKey's default here: {default}\n")
