@@ -27,8 +27,10 @@ def resolve_attn_implementation(requested: str | None) -> str:
     if requested == FLASH_ATTENTION and not flash_available:
         missing = "the `flash_attn` package" if importlib.util.find_spec("flash_attn") is None else "a CUDA device"
         raise ValueError(
-            f"attn_implementation={FLASH_ATTENTION!r} needs {missing}. Install it with "
-            "`pip install 'safekey-trl[flash]'` on a CUDA machine, or use `attn_implementation: sdpa` (or `auto`)."
+            f"attn_implementation={FLASH_ATTENTION!r} needs {missing}. flash-attn builds against the installed "
+            "PyTorch, so pip's build isolation breaks it: on a CUDA machine, install the prebuilt flash-attn wheel "
+            "that matches your PyTorch, CUDA and Python, or `pip install flash-attn --no-build-isolation` (README, "
+            "'flash-attention'). Or use `attn_implementation: sdpa` (or `auto`, which picks sdpa without it)."
         )
     return requested
 
