@@ -413,9 +413,12 @@ def test_report_has_the_date_the_device_the_table_and_the_benchmark(tmp_path):
     assert "## step_costs\n\n| tokens | plain SFT |" in text
 
 
-def test_budgets_leave_a_margin_in_the_device_machines_ten_minutes():
+def test_budgets_leave_a_margin_in_the_device_machines_ten_minutes(capsys):
     assert sum(check.budget for check in CHECKS) <= TOTAL_BUDGET <= 8 * 60
     assert len({check.name for check in CHECKS}) == len(CHECKS)
+    assert gpu_check.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "zero3 (100 s): `safekey-trl train --accelerate zero3` in bf16" in listed and "in all 480 s" in listed
 
 
 def test_docs_list_every_check_with_its_budget():
@@ -437,3 +440,15 @@ torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 """
     assert launch_failure(output) == "AssertionError at `218 │ assert len(set(t.dtype for t in tensors)) == 1`"
     assert launch_failure("ValueError: max_length must be positive\n") == "ValueError: max_length must be positive"
+
+
+def test_the_device_is_read_without_touching_cuda(tmp_path, monkeypatch):
+    """nvidia-smi names the GPUs: the parent process holds no CUDA context on the GPU the checks measure."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559'\necho 'NVIDIA H100 80GB HBM3, 81559'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: pytest.fail("CUDA touched"))
+    from safekey_trl.gpu_check.runner import describe_device
+
+    assert describe_device() == "2 x NVIDIA H100 80GB HBM3 (80 GiB)"

@@ -123,8 +123,14 @@ def main(argv: list[str] | None = None, checks: list[Check] | None = None, start
     parser.add_argument("--only", nargs="+", choices=[check.name for check in available], help="run only these")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every check's time budget")
     parser.add_argument("--report", type=Path, default=REPORT, help="where to write the report (CUDA runs only)")
+    parser.add_argument("--list", action="store_true", help="list the checks, their budgets and what they check")
     args = parser.parse_args(argv)
     selected = [check for check in available if not args.only or check.name in args.only]
+    if args.list:
+        for check in selected:
+            print(f"{check.name} ({check.budget:.0f} s): {check.what}")
+        print(f"in all {sum(check.budget for check in selected) * args.budget_scale:.0f} s")
+        return 0
     cuda = torch.cuda.is_available()
     started = datetime.datetime.now(datetime.timezone.utc)
     command = "make gpu-check" + (f' ARGS="{" ".join(argv)}"' if argv else "")

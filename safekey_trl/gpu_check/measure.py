@@ -75,7 +75,7 @@ class MemoryVerdict:
     planned: float  # bytes, `--dry_run`'s total
     allocated: float  # bytes, torch's peak of allocated tensors
     reserved: float  # bytes, torch's peak of memory held by its allocator
-    context: float  # bytes the process holds beside the allocator (CUDA context, kernels' workspaces)
+    context: float  # bytes in use on the GPU beside the allocator's (the CUDA context, and anything else running)
     limit: float = FITS_24GB
 
     @property

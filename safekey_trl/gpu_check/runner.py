@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -182,10 +183,23 @@ def software_versions() -> str:
 
 
 def describe_device() -> str:
-    """The CUDA device: its name and memory."""
+    """The CUDA devices: how many, their name and memory. Read with `nvidia-smi` where it is there, so that this
+    process (which runs no check) holds no CUDA context on the GPU the checks measure."""
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        listed = ""
+    if listed:
+        gpus = [line.rsplit(",", 1) for line in listed.splitlines()]
+        name, mib = gpus[0]
+        return f"{len(gpus)} x {name.strip()} ({float(mib) / 1024:.0f} GiB)"
     properties = torch.cuda.get_device_properties(0)
-    count = torch.cuda.device_count()
-    return f"{count} x {properties.name} ({properties.total_memory / 2**30:.0f} GiB)"
+    return f"{torch.cuda.device_count()} x {properties.name} ({properties.total_memory / 2**30:.0f} GiB)"
 
 
 def write_report(
