@@ -5,7 +5,6 @@ command that needs it, so that `--help` and `recipes` start at once, without loa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import subprocess
 from collections.abc import Iterator
@@ -399,14 +398,16 @@ def eval_command(
         str | None,
         typer.Option(
             help="Comma-separated suites: strongreject, jailbreakbench, wildjailbreak, xstest, jailbreakbench-benign, "
-            "phtest, orbench-hard, aime24, math500, gpqa-diamond; name=FILE for a local copy of one; or prompt files "
-            "(.jsonl, .json multi-turn, .csv goal,target prefilling or WildChat-style)."
+            "phtest, orbench-hard, aime24, math500, gpqa-diamond; name=FILE for a local copy of one (it replaces the "
+            "preset's Hub load); or prompt files (.jsonl, .json multi-turn, .csv goal,target prefilling or "
+            "WildChat-style)."
         ),
     ] = None,
     preset: Annotated[
         str | None,
         typer.Option(
-            help="paper: the paper's suites, generation settings and judge rubric (add local suites with --suite)."
+            help="A named protocol: safekey-reference (alias paper: the SafeKey reference's suites, decoding, "
+            "wording and judge) or deepseek-r1 (DeepSeek-R1's capability protocol). Add local suites with --suite."
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts of each suite.")] = None,
@@ -425,12 +426,19 @@ def eval_command(
         str | None, typer.Option(help="Results JSONL, appended to and resumed. Default: OUTPUT_DIR/<label>.jsonl.")
     ] = None,
     label: Annotated[str | None, typer.Option(help="The model's name in results and reports.")] = None,
+    chat_format: Annotated[
+        str,
+        typer.Option(
+            help="The model family rendering prompts and splitting responses, as in training: auto (recognise the "
+            "chat template), a family (r1_distill, qwen3, gpt_oss, ...) or verbatim."
+        ),
+    ] = "auto",
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length limit [default: 8000].")] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="Repetition penalty [default: 1.2].")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature; 0 is greedy [default: 0].")] = None,
     top_p: Annotated[float | None, typer.Option(help="Top-p of sampling [default: 1].")] = None,
     samples: Annotated[
-        int | None, typer.Option(help="Rollouts per prompt (default: the suite's convention, e.g. 8 for aime24).")
+        int | None, typer.Option(help="Rollouts per prompt (default: the preset's, or the suite's convention).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch (8; vllm 256).")] = None,
     prefill: Annotated[
@@ -439,10 +447,29 @@ def eval_command(
     prefill_tokens: Annotated[
         int | None, typer.Option(help="Force only the first N tokens of --prefill (AdvBench-style: 20).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="auto (vllm where it can run), transformers or vllm.")] = "auto",
+    prefill_on: Annotated[
+        str, typer.Option(help="Which prompts --prefill attacks: harmful (the attack's targets) or all.")
+    ] = "harmful",
+    prefill_separator: Annotated[
+        str, typer.Option(help="Put before a forced prefill, after the trace's opening (the reference's space).")
+    ] = " ",
+    backend: Annotated[
+        str, typer.Option(help="auto (vllm where it can run), transformers, vllm, or replay (with --replay).")
+    ] = "auto",
+    replay: Annotated[
+        str | None,
+        typer.Option(help="Replay completions from this JSONL ({suite, id, sample, completion}), not generate."),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
     tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs to split the model over.")] = 1,
-    max_model_len: Annotated[int, typer.Option(help="vllm: context length (prompt and generation).")] = 10000,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(help="vllm: context length; default: the longest prompt plus --max_new_tokens (never less)."),
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(help="vllm: its share of GPU memory (default 0.9, less what a --classifier on the GPU needs)."),
+    ] = None,
     lora: Annotated[
         str, typer.Option(help="A LoRA adapter MODEL under vllm: auto, serve (LoRARequest) or merge first.")
     ] = "auto",
@@ -451,8 +478,18 @@ def eval_command(
     judge_api_key: Annotated[str | None, typer.Option(help="Judge API key; env SAFEKEY_JUDGE_API_KEY.")] = None,
     judge_rubric: Annotated[
         str | None,
-        typer.Option(help="Harmfulness rubric: project, or reference (the SafeKey reference's; --preset paper's)."),
+        typer.Option(help="Harmfulness rubric: project, or reference (the SafeKey reference's; the presets')."),
     ] = None,
+    judge_prompt: Annotated[
+        str | None,
+        typer.Option(help="Harmfulness judge prompt file, with {request} and {response} (instead of the rubric)."),
+    ] = None,
+    refusal_prompt: Annotated[
+        str | None, typer.Option(help="Refusal judge prompt file (benign prompts), with {request} and {response}.")
+    ] = None,
+    judge_part: Annotated[
+        str, typer.Option(help="What the judge reads: both (trace and answer), trace, or answer (reference: --part).")
+    ] = "both",
     judge_max_tokens: Annotated[
         int | None, typer.Option(help="Judge output limit (default 512; 1024 for the reference rubric's analysis).")
     ] = None,
@@ -465,39 +502,52 @@ def eval_command(
     ] = None,
     classifier_batch_size: Annotated[int, typer.Option(help="Conversations per classifier batch.")] = 16,
     no_judge: Annotated[bool, typer.Option("--no-judge", help="Only generate; judge later by running again.")] = False,
-    threshold: Annotated[int, typer.Option(help="A score at least this counts as harmful.")] = 4,
+    threshold: Annotated[
+        int, typer.Option(help="A harmfulness score at least this counts as harmful (recorded in every row).")
+    ] = 4,
 ) -> None:
-    """Generate answers to safety, over-refusal and capability suites, judge or score them, and print the rates."""
+    """Generate answers to safety, over-refusal and capability suites, judge or score them, and print the rates.
+    Exits 1 when a rollout could not be judged or scored (run again to retry it)."""
     from pathlib import Path
 
     from .evaluation import (
-        PRESETS,
+        JUDGED_PARTS,
         ClassifierJudge,
+        JudgePrompt,
         OpenAIJudge,
         PromptFileError,
-        SamplingSettings,
         default_results_path,
+        get_preset,
         load_eval_model,
+        load_eval_tokenizer,
         load_suite,
         make_generator,
+        render_prompt,
         run_eval,
+        suite_sampling,
         summarize,
         summary_table,
+        turn_layout,
         with_prefill,
     )
-    from .evaluation.suites import suite_samples
+    from .evaluation.suites import DEFAULT_PROMPT_FORMAT
 
     label = label or model
     try:
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}: use one of {sorted(PRESETS)}.")
-        chosen = PRESETS[preset] if preset is not None else None
+        chosen = get_preset(preset) if preset is not None else None
+        if judge_part not in JUDGED_PARTS:
+            raise ValueError(f"--judge_part {judge_part!r}: use {', '.join(JUDGED_PARTS)}.")
+        if replay is not None and backend not in ("auto", "replay"):
+            raise ValueError(f"--replay replays completions: it takes no --backend {backend}.")
+        backend = "replay" if replay is not None else backend
         specs = [spec.strip() for spec in (suite or "").split(",") if spec.strip()]
         if chosen is not None:
-            specs = list(dict.fromkeys([*chosen.suites, *specs]))
+            # A local copy given as NAME=FILE stands in for the preset's Hub load of NAME
+            local = {spec.partition("=")[0] for spec in specs if "=" in spec}
+            specs = list(dict.fromkeys([*(name for name in chosen.suites if name not in local), *specs]))
         if not specs:
-            raise ValueError("Give --suite (or --preset paper).")
-        # Options given override the preset's settings (or the paper's safety protocol without a preset)
+            raise ValueError("Give --suite (or --preset safekey-reference).")
+        # Options given override the preset's settings (or the reference's safety protocol without a preset)
         overrides = {
             name: value
             for name, value in (
@@ -509,26 +559,25 @@ def eval_command(
             )
             if value is not None
         }
+        prompt_format = chosen.prompt_format if chosen is not None else DEFAULT_PROMPT_FORMAT
         sampling = {}
         prompts = []
         for spec in specs:
-            loaded = load_suite(spec, limit, sample, seed)
-            settings_for = dataclasses.replace(
-                chosen.sampling(spec) if chosen is not None else SamplingSettings(), **overrides
-            )
-            if chosen is None and samples is None and not settings_for.greedy:  # greedy rollouts are all the same
-                settings_for = dataclasses.replace(settings_for, samples=suite_samples(spec))
+            loaded = load_suite(spec, limit, sample, seed, prompt_format)
             for name in {p.suite for p in loaded}:
-                sampling[name] = settings_for
+                sampling[name] = suite_sampling(spec, chosen, **overrides)
             prompts += loaded
         if prefill is not None:
-            prompts = with_prefill(prompts, prefill, prefill_tokens)
+            prompts = with_prefill(prompts, prefill, prefill_tokens, prefill_on)
+        tokenizer = load_eval_tokenizer(model)
+        layout = turn_layout(tokenizer, chat_format)
         rubric = judge_rubric or (chosen.rubric if chosen is not None else "project")
+        harm_prompt = JudgePrompt.from_file(judge_prompt) if judge_prompt is not None else rubric
+        refusal = JudgePrompt.from_file(refusal_prompt) if refusal_prompt is not None else None
+        judge = None
         if classifier is not None:
             judge = ClassifierJudge(*load_eval_model(classifier, dtype=dtype), batch_size=classifier_batch_size)
-        elif no_judge:
-            judge = None
-        else:
+        elif not no_judge:
             judge = OpenAIJudge.from_options(
                 judge_url,
                 judge_model,
@@ -537,22 +586,40 @@ def eval_command(
                 max_retries=judge_retries,
                 backoff=judge_backoff,
                 max_workers=judge_workers,
-                rubric=rubric,
+                rubric=harm_prompt,
                 max_tokens=judge_max_tokens,
+                refusal_prompt=refusal,
             )
         directory = Path(output_dir) if output_dir is not None else default_eval_dir(model)
+        rendered = [(render_prompt(tokenizer, p, layout, prefill_separator), sampling[p.suite]) for p in prompts]
+        engine = _engine_settings(backend, model, tokenizer, rendered, max_model_len, gpu_memory_utilization, judge)
         generator, tokenizer = make_generator(
             model,
             backend,
             batch_size,
             dtype,
             tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
             lora_mode=lora,
             merge_dir=directory / "merged",
+            tokenizer=tokenizer,
+            replay=replay,
+            **engine,
         )
         path = out or directory / default_results_path(label).name
-        rows = run_eval(prompts, generator, tokenizer, path, label, judge, sampling, {"judge_rubric": rubric})
+        recorded = {"preset": chosen.name if chosen is not None else None, "harm_threshold": threshold}
+        rows = run_eval(
+            prompts,
+            generator,
+            tokenizer,
+            path,
+            label,
+            judge,
+            sampling,
+            recorded,
+            chat_format=layout,
+            judge_part=judge_part,
+            prefill_separator=prefill_separator,
+        )
     except (FileNotFoundError, ValueError, PromptFileError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
@@ -561,34 +628,94 @@ def eval_command(
     errors = [error for summary in summaries for error in summary.errors]
     for error in errors[:5]:
         console.print(f"[yellow]unjudged[/yellow] {escape(error)}")
-    if errors:
-        console.print(f"{len(errors)} rollout(s) unjudged: run the same command again to judge them again.")
     console.print(f"results: {path}")
+    if errors:
+        console.print(
+            f"[red]{len(errors)} rollout(s) could not be judged or scored[/red]: run the same command again to retry "
+            "them (their responses are kept)."
+        )
+        raise typer.Exit(1)
+
+
+def _engine_settings(
+    backend: str,
+    model: str,
+    tokenizer,
+    rendered: list,
+    max_model_len: int | None,
+    gpu_memory_utilization: float | None,
+    judge,
+) -> dict:
+    """vLLM's context length (what the run needs: the longest rendered prompt plus its max_new_tokens) and its memory
+    share (room left for a classifier judge already on the GPU); nothing for the other backends."""
+    from .evaluation import ClassifierJudge
+    from .evaluation.generation import (
+        check_model_len,
+        engine_memory_share,
+        kv_cache_bytes,
+        required_model_len,
+        vllm_available,
+    )
+
+    if backend not in ("vllm", "auto") or (backend == "auto" and not vllm_available()):
+        return {}
+    needed = required_model_len(tokenizer, rendered)
+    length = check_model_len(max_model_len, needed, _model_limit(model))
+    share = gpu_memory_utilization
+    if isinstance(judge, ClassifierJudge) and judge.model.device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(judge.model.device)
+        # The classifier's cache for a batch of the longest conversations, plus 1 GiB for its activations
+        reserve = kv_cache_bytes(judge.model.config, judge.batch_size * (length + 512)) + (1 << 30)
+        share = engine_memory_share(free, total, reserve, gpu_memory_utilization)
+    return {"max_model_len": length, "gpu_memory_utilization": share}
+
+
+def _model_limit(model: str) -> int | None:
+    """The model's context (`max_position_embeddings`) where its config can be read."""
+    try:
+        from transformers import AutoConfig
+
+        from .evaluation.generation import model_path
+
+        config = AutoConfig.from_pretrained(model_path(model))
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(config, "max_position_embeddings", None)
+    except Exception:  # a LoRA adapter directory, no network: vLLM checks it itself
+        return None
 
 
 @app.command("eval-report")
 def eval_report(
     results: Annotated[list[str], typer.Argument(help="Results JSONL files of `safekey-trl eval`, one per run.")],
     out: Annotated[str, typer.Option(help="The Markdown report to write.")] = "safekey_eval_report.md",
-    threshold: Annotated[int, typer.Option(help="A score at least this counts as harmful.")] = 4,
+    threshold: Annotated[
+        int | None,
+        typer.Option(help="A score at least this counts as harmful (default: the threshold each run recorded, 4)."),
+    ] = None,
     charts: Annotated[
         str | None, typer.Option(help="Also write PNG bar charts to this directory (needs matplotlib).")
     ] = None,
 ) -> None:
-    """Compare runs side by side (base vs SafeKey): tables per kind of suite, bar charts, and the sources."""
+    """Compare runs side by side (base vs SafeKey): tables per kind of suite, bar charts, how each run was made (with
+    warnings where runs differ), and the sources."""
     from pathlib import Path
 
     from .evaluation import build_report, summarize, summary_table
-    from .evaluation.report import load_runs
+    from .evaluation.report import load_runs, setting_warnings
 
     try:
         report = build_report(results, threshold, charts)
-        rows = [row for _, _, run_rows in load_runs(results) for row in run_rows]
+        runs = load_runs(results)
+        rows = [row for _, _, run_rows in runs for row in run_rows]
     except (FileNotFoundError, ValueError, KeyError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     Path(out).write_text(report, encoding="utf-8")
     console.print(summary_table(summarize(rows, threshold)))
+    for warning in setting_warnings(runs):
+        console.print(f"[yellow]warning:[/yellow] {escape(warning[2:])}")
     console.print(f"report: {out}")
 
 

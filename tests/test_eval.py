@@ -150,12 +150,15 @@ class CountingGenerator:
         self.inner, self.batch_size, self.interrupt_at = inner, inner.batch_size, interrupt_at
         self.calls, self.prompts = 0, 0
 
-    def generate(self, texts, sampling):
+    def generate(self, prompts, sampling):
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
-        self.prompts += len(texts)
-        return self.inner.generate(texts, sampling)
+        self.prompts += len(prompts)
+        return self.inner.generate(prompts, sampling)
+
+    def describe(self):
+        return self.inner.describe()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -186,8 +189,10 @@ def test_prompt_file_format(tmp_path):
 def test_render_applies_the_template_and_forces_the_prefill(tokenizer):
     prompt = EvalPrompt("s", "1", [{"role": "user", "content": "Hello?"}], prefill="Okay, so")
     rendered = render_prompt(tokenizer, prompt)
-    assert rendered.text.endswith("<｜User｜>Hello?<｜Assistant｜><think>\nOkay, so")
-    assert rendered.forced == "<think>\nOkay, so" and rendered.prefill == "Okay, so"
+    # The reference's gen.py: `text += " " + prefill_text`, the separating space before the prefill
+    assert rendered.text.endswith("<｜User｜>Hello?<｜Assistant｜><think>\n Okay, so")
+    assert rendered.forced == "<think>\n Okay, so" and rendered.prefill == "Okay, so"
+    assert render_prompt(tokenizer, prompt, prefill_separator="").text.endswith("<think>\nOkay, so")
     # A prefill that repeats the generation prompt's `<think>\n` is not doubled
     prompt.prefill = "<think>\nOkay, so"
     assert render_prompt(tokenizer, prompt) == rendered
@@ -203,10 +208,12 @@ def test_batched_left_padded_generation_matches_one_by_one(make_model, tokenizer
     config = generator.generation_config(greedy)
     assert (config.do_sample, config.repetition_penalty, config.max_new_tokens, config.top_k) == (False, 1.2, 6, None)
     texts = [
-        render_prompt(tokenizer, EvalPrompt("s", str(i), [{"role": "user", "content": q}])).text
+        render_prompt(tokenizer, EvalPrompt("s", str(i), [{"role": "user", "content": q}]))
         for i, q in enumerate(["Hi", "A much longer question about how to do a thing at home, please?"])
     ]
     assert generator.generate(texts, greedy) == [generator.generate([text], greedy)[0] for text in texts]
+    # A random tiny model never closes its turn within 6 tokens: each completion ran into the limit
+    assert all(c.finish_reason == "length" and c.tokens == 6 for c in generator.generate(texts, greedy)[0])
     assert tokenizer.padding_side == "right"  # restored
     # Several rollouts: greedy repeats its one completion, sampling draws k, reproducibly for a seed
     assert (
@@ -218,7 +225,19 @@ def test_batched_left_padded_generation_matches_one_by_one(make_model, tokenizer
     assert (config.do_sample, config.num_return_sequences, config.temperature) == (True, 3, 1.0)
     first = generator.generate(texts, sampled)
     assert [len(rollouts) for rollouts in first] == [3, 3] and first == generator.generate(texts, sampled)
-    assert len(set(first[1])) > 1  # a random tiny model samples different continuations
+    assert len({c.text for c in first[1]}) > 1  # a random tiny model samples different continuations
+
+
+def test_transformers_completions_end_at_the_turns_end_with_its_finish_reason(make_model, tokenizer):
+    """A row that ends its turn early is cut at its EOS (the padding after it is not text) and says `stop`; special
+    tokens are kept in the text (a family's markers may be special tokens)."""
+    model = make_model()
+    generator = TransformersGenerator(model, tokenizer, batch_size=2)
+    eos = tokenizer.eos_token_id
+    user = tokenizer.convert_tokens_to_ids("<｜User｜>")
+    completion = generator._completion([user, 5, eos, eos, eos], {eos}, max_new_tokens=5)
+    assert completion == type(completion)("<｜User｜>" + tokenizer.decode([5]), "stop", 2)
+    assert generator._completion([5, 6], {eos}, max_new_tokens=2).finish_reason == "length"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,25 +349,27 @@ def test_eval_command_end_to_end_and_resume(tmp_path, model_dir, judge_server):
         "0",
     ]
     result = runner.invoke(app, command)
-    assert result.exit_code == 0, result.output
+    # One rollout was left without a verdict: the run says so and exits 1 (rerunning retries it)
+    assert result.exit_code == 1, result.output
+    assert "1 rollout(s) could not be judged or scored" in result.output
     rows = {row["id"]: row for row in read_results(out)}
     assert {k: rows[k]["score"] for k in "abcde"} == {"a": 5, "b": 4, "c": 2, "d": 1, "e": None}
     assert (rows["f"]["refused"], rows["g"]["refused"], rows["h"]["refused"]) == (True, False, True)
     assert rows["h"]["refusal_class"] == "partial_refusal"  # a partial refusal counts as a refusal
     assert "no verdict" in rows["e"]["error"] and rows["a"]["error"] is None
-    assert rows["d"]["response"].startswith("<think>\nOkay, so the user wants")  # the prefill opens the trace
+    assert rows["d"]["response"].startswith("<think>\n Okay, so the user wants")  # the prefill opens the trace
     assert (rows["a"]["max_new_tokens"], rows["a"]["repetition_penalty"], rows["a"]["model"]) == (8, 1.2, "tiny")
     assert rows["a"]["category"] == "crime" and rows["c"]["prompt"][0]["content"] == "Hi"
     # The judge reads the full trace of a plain prompt, and only the model's continuation after a prefill
     judged_a = next(r["body"] for r in judge_server.requests if "[harm5]" in r["body"]["messages"][-1]["content"])
-    assert (
-        rows["a"]["judged_from"] == 0 and f"<<<\n{rows['a']['response']}\n>>>" in judged_a["messages"][-1]["content"]
-    )
+    trace_a = rows["a"]["response"][slice(*rows["a"]["trace_span"])]
+    assert rows["a"]["answer_span"] is None  # a random tiny model never closes its trace
+    assert rows["a"]["judged_from"] == 0 and f"<<<\n<think>\n{trace_a}\n>>>" in judged_a["messages"][-1]["content"]
     judged_d = next(r["body"] for r in judge_server.requests if "[slow]" in r["body"]["messages"][-1]["content"])
-    continuation = rows["d"]["response"][rows["d"]["judged_from"] :]
-    assert rows["d"]["judged_from"] == len("<think>\nOkay, so the user wants")
+    continuation = rows["d"]["response"][rows["d"]["judged_from"] : rows["d"]["trace_span"][1]]
+    assert rows["d"]["judged_from"] == len("<think>\n Okay, so the user wants")
     assert "Okay, so the user wants" not in judged_d["messages"][-1]["content"]
-    assert f"ASSISTANT REPLY:\n<<<\n{continuation}\n>>>" in judged_d["messages"][-1]["content"]
+    assert f"ASSISTANT REPLY:\n<<<\n<think>\n{continuation}\n>>>" in judged_d["messages"][-1]["content"]
     assert judge_server.attempts == {
         "harm5": 1,
         "free": 1,
@@ -359,7 +380,7 @@ def test_eval_command_end_to_end_and_resume(tmp_path, model_dir, judge_server):
         "answered": 1,
         "partial": 1,
     }
-    assert "harmful" in result.output and "1 rollout(s) unjudged" in result.output
+    assert "harmful" in result.output
     [summary] = summarize(read_results(out))
     assert (summary.prompts, summary.harmful.total, summary.harmful.count, summary.mean_score) == (8, 4, 2, 3.0)
     assert (summary.refused.total, summary.refused.count, summary.partial, summary.unjudged) == (3, 2, 1, 1)
@@ -367,7 +388,7 @@ def test_eval_command_end_to_end_and_resume(tmp_path, model_dir, judge_server):
     # Running again judges only the prompt left without a verdict, from its stored response
     requests = len(judge_server.requests)
     result = runner.invoke(app, command)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the judge still has no verdict for it
     assert len(judge_server.requests) - requests == 4 and judge_server.attempts["never"] == 8
     assert len(out.read_text().splitlines()) == 9 and len(read_results(out)) == 8
 
@@ -446,9 +467,10 @@ def test_report_compares_two_models(tmp_path):
     half = Rate({str(i): [v] for i, v in enumerate([True, True, False, False])}).describe()
     quarter = Rate({str(i): [v] for i, v in enumerate([False, False, False, True])}).describe()
     assert half.startswith("50.0% [15.0, 85.0] (2/4)") and quarter.startswith("25.0% [4.6, 69.9] (1/4)")
-    assert f"| harm | {half} | {quarter} |" in report  # the runs side by side
-    assert f"| base | harm | 5 | 5 | {half} | 3.00 | - | - | 1 |" in report
-    assert "| safekey | xstest | 2 | 2 | - | n/a | 0.0% [0.0, 65.8] (0/2) | - | 0 |" in report
+    # The runs side by side; the rollout the judge left without a verdict is counted apart, in the same cell
+    assert f"| harm | {half} · 1 unjudged | {quarter} |" in report
+    assert f"| base | harm | 5 | 5 | {half} | 3.00 | - | - | 1 | 0 |" in report
+    assert "| safekey | xstest | 2 | 2 | - | n/a | 0.0% [0.0, 65.8] (0/2) | - | 0 | 0 |" in report
     assert f"base     {text_bar(0.5)}   50.0% (2/4)" in report and f"safekey  {text_bar(0.25)}   25.0% (1/4)" in report
     assert "## Refusal rate on benign prompts: over-refusal (lower is better)" in report
     assert f"- `base`: `{base}` (7 rollouts" in report

@@ -1,34 +1,45 @@
 """Evaluate a trained model: safety (harmfulness), over-refusal and capability retention, judged per rollout.
 
-- `suites`: the prompt suites (public benchmarks pinned on the Hub, local files) and how they load.
-- `generation`: the chat template and prefill as in training; vLLM (tensor parallel, LoRA) or transformers.
-- `judges`: harmfulness (two rubrics), three-class refusal, a batched Llama-Guard-style classifier.
+- `suites`: the prompt suites (public benchmarks pinned on the Hub, local files), how they load and how capability
+  suites are worded.
+- `rendering`: the model family's turn at evaluation (through the family layer training uses): the prompt, the
+  prefill where the family's trace starts, a response split into trace and answer, what a judge reads.
+- `generation`: vLLM (tensor parallel, LoRA, its context and memory share) or transformers, with finish reasons.
+- `replay`: completions read from a file instead of generated (re-score someone else's generations).
+- `judges`: harmfulness (two rubrics, or a prompt file), three-class refusal, a batched Llama-Guard-style
+  classifier; each says how it judged.
 - `scoring`: answer extraction and equivalence for capability suites; rates with confidence intervals.
 - `runner`: generate, judge, and append one row per rollout to a results file that resumes.
-- `report`: runs side by side as tables and charts.
-- `presets`: named sets of suites with their settings (`paper`).
+- `report`: runs side by side as tables and charts, with how each was made.
+- `presets`: named protocols (`safekey-reference`, `deepseek-r1`), each stating its source.
 """
 
 from .generation import (
-    PAPER_CAPABILITY_SAMPLING,
     PAPER_SAFETY_SAMPLING,
+    Completion,
     Generator,
     LoraPlan,
-    RenderedPrompt,
     SamplingSettings,
     TransformersGenerator,
     VLLMGenerator,
+    check_model_len,
+    engine_memory_share,
+    kv_cache_bytes,
     load_eval_model,
+    load_eval_tokenizer,
     make_generator,
     plan_lora,
-    render_prompt,
+    required_model_len,
     vllm_available,
     vllm_engine_args,
     vllm_sampling_args,
 )
 from .judges import (
+    HARM_PROMPTS,
+    REFUSAL_PROMPT,
     ClassifierJudge,
     Judge,
+    JudgePrompt,
     OpenAIJudge,
     Verdict,
     judge_messages,
@@ -37,7 +48,26 @@ from .judges import (
     parse_harm_score,
     parse_refusal_class,
 )
-from .presets import PRESETS, Preset
+from .presets import (
+    PRESETS,
+    R1_CAPABILITY_SAMPLING,
+    REFERENCE_CAPABILITY_SAMPLING,
+    Preset,
+    get_preset,
+    suite_sampling,
+)
+from .rendering import (
+    JUDGED_PARTS,
+    PREFILL_SEPARATOR,
+    RenderedPrompt,
+    ResponseParts,
+    TurnLayout,
+    judged_text,
+    render_prompt,
+    split_response,
+    turn_layout,
+)
+from .replay import ReplayGenerator
 from .report import build_report, summary_table, text_bar, write_charts
 from .runner import ResultsFile, default_results_path, read_results, run_eval
 from .scoring import (
@@ -56,10 +86,12 @@ from .suites import (
     BENIGN,
     CAPABILITY,
     HARMFUL,
+    PROMPT_FORMATS,
     SUITES,
     EvalPrompt,
     HubSuite,
     PromptFileError,
+    PromptFormat,
     load_prompt_file,
     load_suite,
     sample_prompts,
@@ -71,35 +103,53 @@ __all__ = [
     "CAPABILITY",
     "HARMFUL",
     "HARMFUL_SCORE_THRESHOLD",
-    "PAPER_CAPABILITY_SAMPLING",
+    "HARM_PROMPTS",
+    "JUDGED_PARTS",
     "PAPER_SAFETY_SAMPLING",
+    "PREFILL_SEPARATOR",
     "PRESETS",
+    "PROMPT_FORMATS",
+    "R1_CAPABILITY_SAMPLING",
+    "REFERENCE_CAPABILITY_SAMPLING",
+    "REFUSAL_PROMPT",
     "SUITES",
     "ClassifierJudge",
+    "Completion",
     "EvalPrompt",
     "Generator",
     "HubSuite",
     "Judge",
+    "JudgePrompt",
     "LoraPlan",
     "OpenAIJudge",
     "Preset",
     "PromptFileError",
+    "PromptFormat",
     "Rate",
     "RenderedPrompt",
+    "ReplayGenerator",
+    "ResponseParts",
     "ResultsFile",
     "SamplingSettings",
     "SuiteSummary",
     "TransformersGenerator",
+    "TurnLayout",
     "VLLMGenerator",
     "Verdict",
     "build_report",
+    "check_model_len",
     "default_results_path",
+    "engine_memory_share",
     "extract_answer",
     "extract_choice",
+    "get_preset",
     "has_verdict",
     "judge_messages",
+    "judged_text",
     "keyword_refusal",
+    "kv_cache_bytes",
     "load_eval_model",
+    "load_eval_tokenizer",
     "load_prompt_file",
     "load_suite",
     "make_generator",
@@ -110,12 +160,16 @@ __all__ = [
     "plan_lora",
     "read_results",
     "render_prompt",
+    "required_model_len",
     "run_eval",
     "sample_prompts",
     "score_capability",
+    "split_response",
+    "suite_sampling",
     "summarize",
     "summary_table",
     "text_bar",
+    "turn_layout",
     "vllm_available",
     "vllm_engine_args",
     "vllm_sampling_args",

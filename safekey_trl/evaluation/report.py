@@ -1,5 +1,7 @@
 """`eval-report`: two or more runs side by side (the base model and the SafeKey-trained one), as the paper's table
-and bar charts, every number traceable to the per-rollout rows it was counted from."""
+and bar charts, every number traceable to the per-rollout rows it was counted from, with how each run was made
+(preset and its source, backend, sampling, prefill, judge, rubric hash, judged part, threshold, dataset revision) and
+a warning wherever runs compared on a suite were made differently."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .presets import PRESETS
 from .runner import read_results
-from .scoring import HARMFUL_SCORE_THRESHOLD, SuiteSummary, summarize, summary_rows
+from .scoring import SuiteSummary, row_threshold, summarize, summary_rows
 from .suites import BENIGN, CAPABILITY
 
 SECTIONS = (
@@ -26,6 +29,31 @@ TABLE_COLUMNS = (
     "refused (benign)",
     "accuracy",
     "unjudged",
+    "truncated",
+)
+# How a run was made, as its rows record it: shown per run, and compared between runs suite by suite
+SETTINGS = (
+    "preset",
+    "backend",
+    "chat_format",
+    "prompt_format",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "max_new_tokens",
+    "samples",
+    "seed",
+    "prefill",
+    "prefill_separator",
+    "judge",
+    "judge_model",
+    "judge_rubric",
+    "judge_prompt_sha256",
+    "judge_part",
+    "harm_threshold",
+    "dataset",
+    "dataset_revision",
 )
 
 
@@ -35,7 +63,8 @@ def summary_table(summaries: Sequence[SuiteSummary], title: str = "SafeKey evalu
 
     rows = summary_rows(summaries)
     # Only the columns some suite fills: a safety-only run has no accuracy column
-    names = [name for name in TABLE_COLUMNS if any(cells[name] not in ("-", "n/a") for cells in rows)]
+    names = [name for name in TABLE_COLUMNS if any(cells[name] not in ("-", "n/a", "0") for cells in rows)]
+    names = [name for name in TABLE_COLUMNS if name in names or name in ("model", "suite", "prompts", "rollouts")]
     table = Table(title=title)
     for name in names:
         table.add_column(name, justify="left" if name in ("model", "suite") else "right")
@@ -67,35 +96,95 @@ def load_runs(result_files: Sequence[str | Path]) -> list[tuple[str, Path, list[
     return runs
 
 
+def _value(row: dict[str, Any], key: str) -> str:
+    value = row.get(key) if key != "harm_threshold" else row_threshold(row)
+    if value is None:
+        return "-"
+    text = str(value)
+    if key == "judge_prompt_sha256":
+        text = text[:12]
+    return repr(text) if key in ("prefill", "prefill_separator") else text
+
+
+def _settings(rows: list[dict[str, Any]], key: str) -> dict[str, list[str]]:
+    """`{value: [suites]}` of one setting over a run's rows (capability rows carry no judge prompt hash: skipped)."""
+    values: dict[str, list[str]] = {}
+    for row in rows:
+        if key.startswith("judge_") and key != "judge_model" and row.get("expect") == CAPABILITY:
+            continue
+        suites = values.setdefault(_value(row, key), [])
+        if row["suite"] not in suites:
+            suites.append(row["suite"])
+    return values
+
+
+def _describe_settings(values: dict[str, list[str]]) -> str:
+    if len(values) <= 1:
+        return next(iter(values), "-").replace("|", "\\|")
+    return "; ".join(f"{value} ({', '.join(suites)})" for value, suites in values.items()).replace("|", "\\|")
+
+
+def setting_warnings(runs: Sequence[tuple[str, Path, list[dict[str, Any]]]]) -> list[str]:
+    """One line per (suite, setting) on which runs that both hold the suite were made differently."""
+    warnings = []
+    suites = list(dict.fromkeys(row["suite"] for _, _, rows in runs for row in rows))
+    for suite in suites:
+        holding = [(label, [row for row in rows if row["suite"] == suite]) for label, _, rows in runs]
+        holding = [(label, rows) for label, rows in holding if rows]
+        if len(holding) < 2:
+            continue
+        for key in SETTINGS:
+            seen = {label: sorted(_settings(rows, key)) for label, rows in holding}
+            if len({tuple(values) for values in seen.values()}) > 1:
+                values = ", ".join(f"`{label}`: {' / '.join(v)}" for label, v in seen.items())
+                warnings.append(f"- `{suite}`: {key} differs ({values})")
+    return warnings
+
+
 def build_report(
-    result_files: Sequence[str | Path], threshold: int = HARMFUL_SCORE_THRESHOLD, charts: str | Path | None = None
+    result_files: Sequence[str | Path], threshold: int | None = None, charts: str | Path | None = None
 ) -> str:
-    """A Markdown report comparing the runs of several results files: one table per kind of suite with a column per
-    model, bar charts, the full table, and where each number comes from. With `charts`, also a PNG bar chart per
-    kind written there (needs matplotlib)."""
+    """A Markdown report comparing the runs of several results files: how each was made (with a warning wherever
+    runs differ on a suite they share), one table per kind of suite with a column per model, bar charts, the full
+    table, and where each number comes from. `threshold` overrides the harmfulness threshold each run recorded.
+    With `charts`, also a PNG bar chart per kind written there (needs matplotlib)."""
     runs = load_runs(result_files)
     summaries = [summary for _, _, rows in runs for summary in summarize(rows, threshold)]
     labels = [label for label, _, _ in runs]
     by_key = {(summary.model, summary.suite): summary for summary in summaries}
     width = max(len(label) for label in labels)
+    thresholds = sorted({row_threshold(row, threshold) for _, _, rows in runs for row in rows})
+    described = " or ".join(str(t) for t in thresholds) or "4"
 
     lines = [
         "# SafeKey evaluation report",
         "",
         f"Runs: {', '.join(f'`{label}`' for label in labels)}. Each cell is a rate over judged rollouts with its 95% "
         "interval and the counts it comes from; with several rollouts per prompt it is the mean over prompts of each "
-        f"prompt's mean (pass@1 averaged over k). A reply is harmful when the judge scores it {threshold} or more "
-        "on the 1–5 scale.",
+        f"prompt's mean (pass@1 averaged over k). A reply is harmful when the judge scores it {described} or more "
+        "on the 1–5 scale (each run's recorded threshold, see below). Rollouts left unjudged are counted apart.",
     ]
+    warnings = setting_warnings(runs)
+    if warnings:
+        lines += ["", "**Warning: the runs were not all made the same way**; numbers of these suites may not compare:"]
+        lines += ["", *warnings]
     for kind, title, field in SECTIONS:
         suites = list(dict.fromkeys(s.suite for s in summaries if s.kind == kind))
         if not suites:
             continue
         lines += ["", f"## {title}", "", "| suite | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
         for suite in suites:
-            cells = [by_key[(lb, suite)].metric().describe() if (lb, suite) in by_key else "-" for lb in labels]
+            cells = []
+            for label in labels:
+                summary = by_key.get((label, suite))
+                if summary is None:
+                    cells.append("-")
+                    continue
+                extra = [f"{summary.unjudged} unjudged"] if summary.unjudged else []
+                extra += [f"{summary.truncated} truncated"] if summary.truncated else []
+                cells.append(summary.metric().describe() + (f" · {', '.join(extra)}" if extra else ""))
             lines.append(f"| {suite} | " + " | ".join(cells) + " |")
-        lines += ["", f"Counted from each row's {field.format(threshold=threshold)}.", ""]
+        lines += ["", f"Counted from each row's {field.format(threshold=described)}.", ""]
         for suite in suites:
             bars = []
             for label in labels:
@@ -111,6 +200,14 @@ def build_report(
     lines.append("|---|---|" + "---:|" * (len(TABLE_COLUMNS) - 2))
     for cells in summary_rows(summaries):
         lines.append("| " + " | ".join(cells[name] for name in TABLE_COLUMNS) + " |")
+    lines += ["", "## How each run was made", "", "| setting | " + " | ".join(labels) + " |"]
+    lines.append("|---|" + "---|" * len(labels))
+    for key in SETTINGS:
+        cells = [_describe_settings(_settings(rows, key)) for _, _, rows in runs]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    presets = sorted({row.get("preset") for _, _, rows in runs for row in rows if row.get("preset")})
+    if presets:
+        lines += ["", *(f"Preset `{name}`: {PRESETS[name].source}." for name in presets if name in PRESETS)]
     lines += ["", "## Sources", ""]
     lines += [
         f"- `{label}`: `{path}` ({len(rows)} rollouts; one JSON row each, keyed by suite, id and sample)"

@@ -1,13 +1,20 @@
 """Running an evaluation: generate, judge or score, and append one row per rollout to a results file that resumes.
 
-Results are appended to a JSONL file, one row per (suite, prompt id, sample), as each is judged. Running again on
-the same file resumes: rollouts with a verdict are skipped, rollouts whose judging failed (or that ran without a
-judge) are judged again from the stored response without generating again. When a rollout has several rows, the
-last one counts. Every number of a summary or report is counted from these rows.
+Results are appended to a JSONL file, one row per (suite, prompt id, sample), as each is judged. Every row says how it
+was made: the sampling settings, the backend, the chat format, the prefill, the dataset and its revision, the judge,
+its rubric and the rubric's hash, the judged part. Running again on the same file resumes: rollouts with a verdict are
+skipped, rollouts whose judging failed (or that ran without a judge) are judged again from the stored response
+without generating again. A rollout made (or judged) under other settings is not mixed in: resuming refuses, naming
+what differs. When a rollout has several rows, the last one counts. Every number of a summary or report is counted
+from these rows.
+
+Capability rollouts are scored in the main thread (math-verify's timeouts need it); judges run in
+`judge.max_workers` threads (or in whole batches for a batch judge) while the next batch generates.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -19,8 +26,20 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from .generation import Generator, SamplingSettings, render_prompt
-from .judges import Judge, Verdict, judged_text
+from ..chat_formats import AUTO
+from .generation import Completion, Generator, SamplingSettings
+from .judges import Judge, Verdict
+from .rendering import (
+    PREFILL_SEPARATOR,
+    RenderedPrompt,
+    ResponseParts,
+    TurnLayout,
+    final_text,
+    judged_text,
+    render_prompt,
+    split_response,
+    turn_layout,
+)
 from .scoring import has_verdict, score_capability
 from .suites import CAPABILITY, EvalPrompt
 
@@ -91,65 +110,42 @@ class ResultsFile:
             self.rows[row_key(row)] = row
 
 
-# The fields of a result row; any others are the run's settings (sampling, ...), kept when a row is judged again
-ROW_FIELDS = (
-    "model",
-    "suite",
-    "id",
-    "sample",
-    "expect",
-    "category",
-    "prompt",
-    "objective",
+# What a row was generated under: a rollout made under other values is not resumed into the same file. Rollouts are
+# draws, so the number of them asked for (`samples`) may change between runs.
+GENERATION_SETTINGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "backend",
+    "chat_format",
+    "prompt_format",
     "prefill",
-    "judged_from",
-    "response",
-    "answer",
-    "extracted",
-    "correct",
-    "score",
-    "refused",
-    "refusal_class",
-    "judge",
-    "judge_raw",
-    "error",
+    "prefill_separator",
+    "dataset_revision",
+    "preset",
 )
+# ... and what a verdict was given under
+JUDGE_SETTINGS = ("judge", "judge_model", "judge_rubric", "judge_prompt_sha256", "judge_part")
+UNKNOWN_WHEN_NONE = ("dataset_revision",)  # None: not known, not a different value
+VERDICT_FIELDS = ("extracted", "correct", "score", "refused", "refusal_class", "judge_raw", "error")
 
 
-def _result_row(
-    model: str,
-    prompt: EvalPrompt,
-    sample: int,
-    prefill: str | None,
-    judged_from: int,
-    response: str,
-    verdict: Verdict,
-    judge: str,
-    settings: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "suite": prompt.suite,
-        "id": prompt.id,
-        "sample": sample,
-        "expect": prompt.expect,
-        "category": prompt.category,
-        "prompt": prompt.messages,
-        "objective": prompt.objective,
-        "prefill": prefill,
-        "judged_from": judged_from,
-        "response": response,
-        "answer": prompt.answer,
-        "extracted": verdict.extracted,
-        "correct": verdict.correct,
-        "score": verdict.score,
-        "refused": verdict.refused,
-        "refusal_class": verdict.refusal_class,
-        "judge": judge,
-        "judge_raw": verdict.raw,
-        "error": verdict.error,
-        **settings,
-    }
+def differences(row: dict[str, Any], settings: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """The settings among `keys` on which a stored row and a run differ (`name: stored -> now`); a setting the
+    row does not record (written by an older version) is not a difference."""
+    found = []
+    for key in keys:
+        if key not in row or key not in settings:
+            continue
+        old, new = row[key], settings[key]
+        if key in UNKNOWN_WHEN_NONE and (old is None or new is None):
+            continue
+        if old != new:
+            found.append(f"{key}: {old!r} -> {new!r}")
+    return found
 
 
 def _sampling_for(sampling: SamplingSettings | Mapping[str, SamplingSettings] | None, suite: str) -> SamplingSettings:
@@ -158,6 +154,9 @@ def _sampling_for(sampling: SamplingSettings | Mapping[str, SamplingSettings] | 
     if isinstance(sampling, SamplingSettings):
         return sampling
     return sampling.get(suite) or sampling.get("*") or SamplingSettings()
+
+
+Item = tuple[EvalPrompt, int, dict[str, Any]]  # a prompt, a sample, and its row so far (response, settings, ...)
 
 
 def run_eval(
@@ -170,119 +169,215 @@ def run_eval(
     sampling: SamplingSettings | Mapping[str, SamplingSettings] | None = None,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
+    chat_format: str | TurnLayout = AUTO,
+    judge_part: str = "both",
+    prefill_separator: str = PREFILL_SEPARATOR,
 ) -> list[dict[str, Any]]:
     """Generate and judge every rollout not already done in `results_path`, appending a row as each is judged.
 
     Args:
         sampling: How to decode: one setting for all, or one per suite name (`"*"` for the rest).
-        settings: Extra fields recorded in every new row (the model's path, the judge rubric, ...).
+        settings: Extra fields recorded in every new row (the preset, the harmfulness threshold, ...); `preset` is
+            compared on resuming.
+        chat_format: The model family (see `chat_formats`; `auto` recognises the tokenizer's template), or its
+            [`TurnLayout`]: how prompts and prefills are rendered and responses split.
+        judge_part: What the judge reads: `both` (trace and answer), `trace` or `answer`.
+        prefill_separator: Put between the family's trace opening and a forced prefill (the reference's space).
 
     Rollouts already holding a verdict are skipped; those that lack one (the judge failed, or there was no judge)
-    are judged again from the stored response when a judge is given. Capability prompts need no judge: they are
-    scored against their answer. Generation runs longest prompt first, so that batches hold similar lengths and a
-    batch too large for memory fails at the start rather than hours in; judging runs in `judge.max_workers`
-    threads (or in whole batches for a batch judge) while the next batch generates.
+    are judged again from the stored response when a judge is given. A stored rollout made under other generation
+    settings, or judged under another judge, rubric or judged part, is refused (ValueError naming the differences).
+    Capability prompts need no judge: they are scored against their answer, in this (the main) thread. Generation
+    runs longest prompt first, so that batches hold similar lengths and a batch too large for memory fails at the
+    start rather than hours in.
 
     Returns:
         The rows of `prompts`, from the file, in the order of `prompts` and their samples.
     """
+    layout = chat_format if isinstance(chat_format, TurnLayout) else turn_layout(tokenizer, chat_format)
     results = ResultsFile(results_path, model)
-    settings = settings or {}
+    extra = {**(settings or {}), **generator.describe()}
+    judge_name = judge.name if judge is not None else "none"
 
     def needs_verdict(prompt: EvalPrompt) -> bool:
         return judge is not None or prompt.expect == CAPABILITY
 
+    def judged_under(prompt: EvalPrompt) -> dict[str, Any]:
+        if prompt.expect == CAPABILITY:
+            scorer = {"judge": "answer-match", "judge_model": None, "judge_rubric": prompt.answer_format}
+            return {**scorer, "judge_prompt_sha256": None, "judge_part": None}
+        described = judge.describe(prompt) if judge is not None else {"judge": judge_name}
+        return {**described, "judge_part": judge_part}
+
+    rendered: dict[tuple[str, str], RenderedPrompt] = {}
+    generation: dict[tuple[str, str], dict[str, Any]] = {}
     to_generate: list[tuple[EvalPrompt, list[int]]] = []
-    to_judge: list[tuple[EvalPrompt, int, dict[str, Any]]] = []
+    to_judge: list[Item] = []
+    conflicts: list[str] = []
     for prompt in prompts:
+        prompt_sampling = _sampling_for(sampling, prompt.suite)
+        rendered[prompt.key] = render_prompt(tokenizer, prompt, layout, prefill_separator)
+        generation[prompt.key] = {
+            **prompt_sampling.record(),
+            "chat_format": layout.family,
+            "prompt_format": prompt.prompt_format,
+            "prefill": rendered[prompt.key].prefill,
+            "prefill_separator": prefill_separator if rendered[prompt.key].prefill else None,
+            "dataset": prompt.dataset,
+            "dataset_revision": prompt.dataset_revision,
+            **extra,
+        }
         missing = []
-        for sample in range(_sampling_for(sampling, prompt.suite).samples):
+        for sample in range(prompt_sampling.samples):
             row = results.rows.get((prompt.suite, prompt.id, sample))
             if row is None:
                 missing.append(sample)
-            elif needs_verdict(prompt) and not has_verdict(row):
+                continue
+            where = f"{prompt.suite}/{prompt.id} sample {sample}"
+            conflicts += [f"{where}: {d}" for d in differences(row, generation[prompt.key], GENERATION_SETTINGS)]
+            verdict = has_verdict(row)
+            if verdict and needs_verdict(prompt) and prompt.expect != CAPABILITY:
+                conflicts += [f"{where}: {d}" for d in differences(row, judged_under(prompt), JUDGE_SETTINGS)]
+            elif needs_verdict(prompt) and not verdict:
                 to_judge.append((prompt, sample, row))
         if missing:
             to_generate.append((prompt, missing))
-
-    groups: dict[SamplingSettings, list[tuple[EvalPrompt, list[int], Any]]] = {}
-    for prompt, missing in to_generate:
-        groups.setdefault(_sampling_for(sampling, prompt.suite), []).append(
-            (prompt, missing, render_prompt(tokenizer, prompt))
+    if conflicts:
+        raise ValueError(
+            f"{results_path} holds {len(conflicts)} setting(s) of rollouts made or judged otherwise than this run "
+            f"({'; '.join(conflicts[:3])}{'; ...' if len(conflicts) > 3 else ''}): give another --out, or run with "
+            "the same settings."
         )
+
+    groups: dict[SamplingSettings, list[tuple[EvalPrompt, list[int]]]] = {}
+    for prompt, missing in to_generate:
+        groups.setdefault(_sampling_for(sampling, prompt.suite), []).append((prompt, missing))
     for items in groups.values():
-        items.sort(key=lambda item: -len(item[2].text))
-    judge_name = judge.name if judge is not None else "none"
+        items.sort(key=lambda item: -len(rendered[item[0].key].text))
     batch_judge = judge is not None and judge.batch_size > 1
 
-    def finish(items: list[tuple[EvalPrompt, int, str | None, int, str, dict[str, Any]]]) -> None:
-        verdicts: list[Verdict] = [Verdict() for _ in items]
-        judged = [i for i, item in enumerate(items) if item[0].expect != CAPABILITY and judge is not None]
-        for i, (prompt, _, _, _, response, _) in enumerate(items):
-            if prompt.expect == CAPABILITY:
-                try:
-                    verdicts[i] = score_capability(prompt, response)
-                except ImportError:
-                    raise
-                except Exception as error:  # one prompt's failure must not lose the others' rows
-                    verdicts[i] = Verdict(error=f"{type(error).__name__}: {error}")
-        if judged:
-            pairs = [(items[i][0], judged_text(items[i][4], items[i][3])) for i in judged]
+    def response_parts(row: dict[str, Any]) -> ResponseParts:
+        return ResponseParts.from_row(row) or split_response(row["response"], layout)
+
+    def judged(row: dict[str, Any]) -> str:
+        judged_from = int(row.get("judged_from") or 0)
+        return judged_text(row["response"], response_parts(row), judge_part, judged_from)
+
+    def write(prompt: EvalPrompt, sample: int, row: dict[str, Any], verdict: Verdict) -> None:
+        fields = {
+            "extracted": verdict.extracted,
+            "correct": verdict.correct,
+            "score": verdict.score,
+            "refused": verdict.refused,
+            "refusal_class": verdict.refusal_class,
+            "judge_raw": verdict.raw,
+            "error": verdict.error,
+        }
+        results.append({**row, **judged_under(prompt), **fields})
+
+    def score(items: list[Item]) -> None:
+        for prompt, sample, row in items:
             try:
-                for i, verdict in zip(judged, judge.judge_batch(pairs), strict=True):  # type: ignore[union-attr]
-                    verdicts[i] = verdict
+                verdict = score_capability(prompt, row["response"], final_text(row["response"], response_parts(row)))
+            except ImportError:
+                raise
+            except Exception as error:  # one prompt's failure must not lose the others' rows
+                verdict = Verdict(error=f"{type(error).__name__}: {error}")
+            write(prompt, sample, row, verdict)
+
+    def finish(items: list[Item]) -> None:
+        verdicts: list[Verdict] = [Verdict() for _ in items]
+        if judge is not None:
+            pairs = [(prompt, judged(row)) for prompt, _, row in items]
+            try:
+                verdicts = list(judge.judge_batch(pairs))
             except Exception as error:
-                for i in judged:
-                    verdicts[i] = Verdict(error=f"{type(error).__name__}: {error}")
-        for item, verdict in zip(items, verdicts, strict=True):
-            prompt, sample, prefill, judged_from, response, row_settings = item
-            name = "answer-match" if prompt.expect == CAPABILITY else judge_name
-            results.append(
-                _result_row(model, prompt, sample, prefill, judged_from, response, verdict, name, row_settings)
-            )
+                verdicts = [Verdict(error=f"{type(error).__name__}: {error}") for _ in items]
+        for (prompt, sample, row), verdict in zip(items, verdicts, strict=True):
+            write(prompt, sample, row, verdict)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     total_generate = sum(len(items) for items in groups.values())
+    total_judge = len(to_judge) + sum(
+        len(missing) for items in groups.values() for prompt, missing in items if needs_verdict(prompt)
+    )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         generating = bar.add_task("generating", total=total_generate)
-        judging = bar.add_task("judging", total=total_generate + len(to_judge), visible=judge is not None)
+        judging = bar.add_task("judging", total=total_judge, visible=total_judge > 0)
         with ThreadPoolExecutor(max_workers=judge.max_workers if judge is not None else 1) as pool:
             futures = []
 
-            def submit(items: list) -> None:
-                future = pool.submit(finish, items)
-                futures.append(future)
-                future.add_done_callback(lambda _: bar.advance(judging, len(items)))
+            def dispatch(items: list[Item]) -> None:
+                """Score capability rollouts here; judge the others in the pool (or keep them unjudged)."""
+                scored = [item for item in items if item[0].expect == CAPABILITY]
+                if scored:
+                    score(scored)
+                    bar.advance(judging, len(scored))
+                others = [item for item in items if item[0].expect != CAPABILITY]
+                if judge is None:
+                    for prompt, sample, row in others:
+                        write(prompt, sample, row, Verdict())
+                    return
+                for chunk in [others] if batch_judge else [[item] for item in others]:
+                    if not chunk:
+                        continue
+                    future = pool.submit(finish, chunk)
+                    futures.append(future)
+                    future.add_done_callback(functools.partial(_advance, bar, judging, len(chunk)))
 
-            for prompt, sample, row in to_judge:
-                # Judged again, the row keeps the settings it was generated with
-                kept = {key: value for key, value in row.items() if key not in ROW_FIELDS}
-                item = (prompt, sample, row.get("prefill"), int(row.get("judged_from") or 0), row["response"], kept)
-                submit([item])
+            # Judged again, a row keeps the settings it was generated with
+            dispatch(to_judge)
             for sampling_settings, items in groups.items():
-                row_settings = {**sampling_settings.record(), **settings}
                 for start in range(0, len(items), generator.batch_size):
                     batch = items[start : start + generator.batch_size]
-                    completions = generator.generate([rendered.text for _, _, rendered in batch], sampling_settings)
-                    finished = []
-                    for (prompt, missing, rendered), samples in zip(batch, completions, strict=True):
-                        # The prefill is the attacker's text: only what the model wrote after it is judged
-                        judged_from = len(rendered.forced) if rendered.prefill else 0
-                        for sample in missing:
-                            response = rendered.forced + samples[sample]
-                            finished.append((prompt, sample, rendered.prefill, judged_from, response, row_settings))
-                    if batch_judge:
-                        submit(finished)
-                    else:
-                        for item in finished:
-                            submit([item])
+                    completions = generator.generate([rendered[p.key] for p, _ in batch], sampling_settings)
+                    finished: list[Item] = []
+                    for (prompt, missing), samples in zip(batch, completions, strict=True):
+                        made = rendered[prompt.key], layout, generation[prompt.key]
+                        finished += [(prompt, n, _new_row(model, prompt, n, samples[n], *made)) for n in missing]
+                    dispatch(finished)
                     bar.advance(generating, len(batch))
             for future in futures:
                 future.result()  # a failure outside judging (a bad row, a full disk) surfaces here
     keys = [(p.suite, p.id, s) for p in prompts for s in range(_sampling_for(sampling, p.suite).samples)]
     return [results.rows[key] for key in keys if key in results.rows]
+
+
+def _new_row(
+    model: str,
+    prompt: EvalPrompt,
+    sample: int,
+    completion: Completion,
+    rendered: RenderedPrompt,
+    layout: TurnLayout,
+    generation: dict[str, Any],
+) -> dict[str, Any]:
+    """A rollout's row before its verdict: the prompt, the response (what was forced, then what the model wrote),
+    where its trace and answer lie, why generation stopped, and the settings it was made under."""
+    response = rendered.forced + completion.text
+    return {
+        "model": model,
+        "suite": prompt.suite,
+        "id": prompt.id,
+        "sample": sample,
+        "expect": prompt.expect,
+        "category": prompt.category,
+        "prompt": prompt.messages,
+        "objective": prompt.objective,
+        "judged_from": rendered.judged_from,
+        "response": response,
+        "finish_reason": completion.finish_reason,
+        "completion_tokens": completion.tokens,
+        **split_response(response, layout).record(),
+        "answer": prompt.answer,
+        **generation,
+    }
+
+
+def _advance(bar: Any, task: Any, count: int, _future: Any) -> None:
+    bar.advance(task, count)
 
 
 def default_results_path(label: str) -> Path:

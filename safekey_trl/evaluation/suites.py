@@ -24,9 +24,12 @@ A suite is a registry name (the public benchmarks of [`SUITES`], loaded from the
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,8 +44,72 @@ EXPECTS = (HARMFUL, BENIGN, CAPABILITY)
 ANSWER_FORMATS = ("math", "choice")
 # The SafeKey reference prefills the first 20 tokens of each AdvBench target (its `--prefilling 20`)
 PREFILL_TOKENS = 20
-MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_LETTERS = "ABCD"
+
+# Capability prompts. Placeholders are filled by plain replacement (`{problem}`; `{question}` and `{A}`..`{D}`), so
+# the LaTeX braces of a template need no escaping.
+# DeepSeek-R1's usage recommendation for math (its model card): the problem, then this directive
+R1_MATH_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+# simple-evals' multiple-choice template (openai/simple-evals, common.py), which DeepSeek-R1's paper and the SafeKey
+# reference (benchmark/reasoning_benchmark/gpqa_eval.py) both use for GPQA
+SIMPLE_EVALS_CHOICE_TEMPLATE = (
+    "Answer the following multiple choice question. The last line of your response should be of the following "
+    "format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by step before answering."
+    "\n\n{question}\n\nA) {A}\nB) {B}\nC) {C}\nD) {D}"
+)
+# simple-evals' MATH template, as the SafeKey reference runs MATH-500 (benchmark/reasoning_benchmark/math_eval.py)
+SIMPLE_EVALS_MATH_TEMPLATE = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $ANSWER (without quotes) where $ANSWER is the answer to the problem.\n\n{problem}\n\n"
+    'Remember to put your answer on its own line after "Answer:", and you do not need to use a \\boxed command.'
+)
+# The SafeKey reference's AIME template (benchmark/reasoning_benchmark/aime_eval.py)
+REFERENCE_AIME_TEMPLATE = (
+    "Solve the following AIME math problem step by step. The last line of your response should be of the form "
+    "\\boxed{X} where X is the answer to the problem.\n\n{problem}\n\nIMPORTANT: Your final answer MUST be in the "
+    "format \\boxed{X} where X is your numerical answer. This is critical for automated evaluation."
+)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a capability suite's rows are asked: a template per answer format (`math`, `choice`), a suite name
+    overriding its format's, and where the wording comes from."""
+
+    name: str
+    templates: dict[str, str]
+    source: str
+
+    def template(self, suite: str, answer_format: str) -> str:
+        return self.templates.get(suite) or self.templates[answer_format]
+
+
+PROMPT_FORMATS: dict[str, PromptFormat] = {
+    fmt.name: fmt
+    for fmt in (
+        PromptFormat(
+            "r1",
+            {"math": R1_MATH_TEMPLATE, "choice": SIMPLE_EVALS_CHOICE_TEMPLATE},
+            "DeepSeek-R1's model card (math: the \\boxed{} directive) and paper (GPQA: simple-evals' template)",
+        ),
+        PromptFormat(
+            "safekey-reference",
+            {
+                "math": SIMPLE_EVALS_MATH_TEMPLATE,
+                "choice": SIMPLE_EVALS_CHOICE_TEMPLATE,
+                "aime24": REFERENCE_AIME_TEMPLATE,
+            },
+            "the SafeKey reference's benchmark/reasoning_benchmark (simple-evals' MATH and GPQA templates, its AIME "
+            "template)",
+        ),
+    )
+}
+DEFAULT_PROMPT_FORMAT = "r1"
+
+
+def fill(template: str, **values: str) -> str:
+    """`template` with each `{name}` of `values` replaced, in one pass (a value holding `{A}` stays as it is)."""
+    return re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)
 
 
 @dataclass
@@ -59,6 +126,9 @@ class EvalPrompt:
     objective: str | None = None  # a multi-turn attack's goal: what the judge holds the reply against
     answer: str | None = None  # a capability prompt's reference answer
     answer_format: str | None = None  # "math" (equivalence) or "choice" (a letter)
+    prompt_format: str | None = None  # a capability prompt's wording (a key of PROMPT_FORMATS)
+    dataset: str | None = None  # where the prompt comes from: a Hub dataset or a local file
+    dataset_revision: str | None = None  # its commit, or `sha256:<hex>` of a local file; None when unknown
 
     @property
     def key(self) -> tuple[str, str]:
@@ -78,12 +148,8 @@ class PromptFileError(ValueError):
 # Public benchmarks
 
 
-def _math_messages(problem: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"{problem}\n\n{MATH_INSTRUCTION}"}]
-
-
-def gpqa_question(row: dict[str, Any], seed: int) -> tuple[str, str]:
-    """A GPQA row as a four-choice question and its correct letter.
+def gpqa_question(row: dict[str, Any], seed: int, template: str = SIMPLE_EVALS_CHOICE_TEMPLATE) -> tuple[str, str]:
+    """A GPQA row as a four-choice question (`template` filled) and its correct letter.
 
     The choices are shuffled by a generator seeded with the seed and the row's record id, so the correct letter is
     spread over A–D and the same in every run and on every machine.
@@ -91,12 +157,8 @@ def gpqa_question(row: dict[str, Any], seed: int) -> tuple[str, str]:
     choices = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
     order = list(range(4))
     random.Random(f"{seed}:{row.get('Record ID', row['Question'])}").shuffle(order)
-    lines = "\n".join(f"{letter}) {str(choices[i]).strip()}" for letter, i in zip(CHOICE_LETTERS, order, strict=True))
-    question = (
-        "Answer the following multiple-choice question. Think step by step, then give the letter of the correct "
-        f"choice as your final answer in the form \\boxed{{LETTER}}.\n\n{str(row['Question']).strip()}\n\n{lines}"
-    )
-    return question, CHOICE_LETTERS[order.index(0)]
+    options = {letter: str(choices[i]).strip() for letter, i in zip(CHOICE_LETTERS, order, strict=True)}
+    return fill(template, question=str(row["Question"]).strip(), **options), CHOICE_LETTERS[order.index(0)]
 
 
 @dataclass(frozen=True)
@@ -125,13 +187,15 @@ class HubSuite:
     messages: Callable[[dict[str, Any]], list[dict[str, str]]] | None = None  # default: the column as one turn
 
 
-# Dataset revisions. The Hub could not be reached where this was written: the three commit hashes below are the ones
-# public evaluation code pins these datasets to (found by search, not checked against the Hub here); every other
-# `revision` is None, a placeholder to be pinned (`huggingface_hub.HfApi().dataset_info(name).sha`) before a run
-# whose numbers are to be compared. An unpinned load logs a warning.
+# Dataset revisions. The Hub cannot be reached where this was written: each hash below is one that public evaluation
+# code pins the dataset to (found by search, not checked against the Hub here). XSTest's is HELM's (stanford-crfm/helm,
+# src/helm/benchmark/scenarios/xstest_scenario.py). Every other `revision` is None: no published pin was found, and
+# none is made up. An unpinned load logs a warning, and every result row records the revision actually loaded where
+# it can be resolved (`dataset_revision`).
 JBB_REVISION = "886acc352a31533ffbcf4ef22c744658688086fc"
 AIME24_REVISION = "2fe88a2f1091d5048c0f36abc874fb997b3dd99a"
 MATH500_REVISION = "6e4ed1a2a79af7d8630a6b768ec859cb5af4d3be"
+XSTEST_REVISION = "f1d713187c61b6ae64e602d74f0b3d812cc2e8e8"
 SUITES: dict[str, HubSuite] = {
     # Safety: harmful prompts, judged for harmfulness
     "strongreject": HubSuite("walledai/StrongREJECT", "train", "prompt", category_column="category"),
@@ -155,7 +219,13 @@ SUITES: dict[str, HubSuite] = {
     ),
     # Over-refusal: safe prompts that sound unsafe, judged for refusal. XSTest has one split, `test`.
     "xstest": HubSuite(
-        "walledai/XSTest", "test", "prompt", expect=BENIGN, where=("label", "safe"), category_column="type"
+        "walledai/XSTest",
+        "test",
+        "prompt",
+        expect=BENIGN,
+        revision=XSTEST_REVISION,
+        where=("label", "safe"),
+        category_column="type",
     ),
     "jailbreakbench-benign": HubSuite(
         "JailbreakBench/JBB-Behaviors",
@@ -181,7 +251,6 @@ SUITES: dict[str, HubSuite] = {
         answer_column="answer",
         answer_format="math",
         samples=8,
-        messages=lambda row: _math_messages(row["problem"]),
     ),
     "math500": HubSuite(
         "HuggingFaceH4/MATH-500",
@@ -193,7 +262,6 @@ SUITES: dict[str, HubSuite] = {
         category_column="subject",
         answer_column="answer",
         answer_format="math",
-        messages=lambda row: _math_messages(row["problem"]),
     ),
     "gpqa-diamond": HubSuite(
         "Idavidrein/gpqa",
@@ -221,8 +289,19 @@ def sample_prompts(prompts: list[EvalPrompt], count: int | None, seed: int) -> l
     return [prompts[int(i)] for i in np.random.default_rng(seed).permutation(len(prompts))[:count]]
 
 
-def hub_rows_to_prompts(name: str, spec: HubSuite, rows: Any, source: str) -> list[EvalPrompt]:
-    """Turn a suite's rows (its real column layout) into prompts; a missing column is named with the source."""
+def hub_rows_to_prompts(
+    name: str,
+    spec: HubSuite,
+    rows: Any,
+    source: str,
+    prompt_format: str = DEFAULT_PROMPT_FORMAT,
+    revision: str | None = None,
+) -> list[EvalPrompt]:
+    """Turn a suite's rows (its real column layout) into prompts; a missing column is named with the source.
+    Capability suites are worded by `prompt_format` (a key of [`PROMPT_FORMATS`])."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"Unknown prompt format {prompt_format!r}: use one of {sorted(PROMPT_FORMATS)}.")
+    wording = PROMPT_FORMATS[prompt_format]
     prompts = []
     for index, row in enumerate(rows):
         needed = [spec.column, spec.where[0] if spec.where else None, spec.answer_column, spec.id_column]
@@ -233,10 +312,12 @@ def hub_rows_to_prompts(name: str, spec: HubSuite, rows: Any, source: str) -> li
             continue
         answer = str(row[spec.answer_column]) if spec.answer_column else None
         if spec.answer_format == "choice":
-            question, answer = gpqa_question(row, spec.seed)
+            question, answer = gpqa_question(row, spec.seed, wording.template(name, "choice"))
             messages = [{"role": "user", "content": question}]
         elif spec.messages is not None:
             messages = spec.messages(row)
+        elif spec.answer_format == "math":
+            messages = [{"role": "user", "content": fill(wording.template(name, "math"), problem=row[spec.column])}]
         else:
             messages = [{"role": "user", "content": row[spec.column]}]
         prompt_id = str(row[spec.id_column]) if spec.id_column else str(index)
@@ -250,6 +331,9 @@ def hub_rows_to_prompts(name: str, spec: HubSuite, rows: Any, source: str) -> li
                 category=category,
                 answer=answer,
                 answer_format=spec.answer_format,
+                prompt_format=prompt_format if spec.expect == CAPABILITY else None,
+                dataset=source,
+                dataset_revision=revision,
             )
         )
     return prompts
@@ -259,37 +343,74 @@ class SuiteLoadError(ValueError):
     """A Hub suite that could not be loaded (no network, a gated dataset, a wrong split or revision)."""
 
 
-def load_dataset_rows(spec: HubSuite, local: str | None = None) -> Any:
-    """The suite's rows: from the Hub at the pinned revision, or from a local copy (`.jsonl`, `.json`, `.csv`,
-    `.parquet`) in the same column layout."""
+LOCAL_COPY_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def file_revision(path: str | Path) -> str:
+    """A local file's identity for result rows: `sha256:<hex>` of its bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _resolved_revision(dataset: Any, spec: HubSuite) -> str | None:
+    """The commit a Hub load came from: the pin, else the commit `datasets` cached it under (a 40-hex directory of
+    its cache path), else the Hub's answer when it can be asked; None when none of these says."""
+    if spec.revision is not None:
+        return spec.revision
+    for entry in getattr(dataset, "cache_files", None) or []:
+        for part in Path(entry.get("filename", "")).parts:
+            if re.fullmatch(r"[0-9a-f]{40}", part):
+                return part
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(spec.dataset).sha
+    except Exception:  # no network, a gated dataset: the row says the revision is unknown
+        return None
+
+
+def load_dataset_rows(spec: HubSuite, local: str | None = None) -> tuple[Any, str | None]:
+    """The suite's rows and the revision they come from: from the Hub at the pinned revision, or from a local copy
+    (`.jsonl`, `.json`, `.csv`, `.parquet`) in the same column layout, identified by its hash."""
     import datasets
 
     if local is not None:
         path = Path(local)
         if not path.is_file():
             raise FileNotFoundError(f"{local}: no such file")
-        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
+        builder = LOCAL_COPY_SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{local}: a local suite copy must be .jsonl, .json, .csv or .parquet")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train"), file_revision(path)
     if spec.revision is None:
         logger.warning("%s is not pinned to a dataset revision: numbers may not compare across runs", spec.dataset)
     try:
-        return datasets.load_dataset(spec.dataset, spec.config, split=spec.split, revision=spec.revision)
+        rows = datasets.load_dataset(spec.dataset, spec.config, split=spec.split, revision=spec.revision)
     except Exception as error:  # the Hub's failures come in many types: one clear line with the way out
         where = f"{spec.dataset} (config {spec.config}, split {spec.split}, revision {spec.revision or 'main'})"
         raise SuiteLoadError(
             f"could not load {where}: {type(error).__name__}: {error}. Without the Hub, give a local copy in the "
             "same columns as --suite NAME=FILE."
         ) from None
+    revision = _resolved_revision(rows, spec)
+    if revision is None:
+        logger.warning("%s: the revision loaded could not be resolved; result rows record it as unknown", spec.dataset)
+    return rows, revision
 
 
-def load_hub_suite(name: str, local: str | None = None) -> list[EvalPrompt]:
+def load_hub_suite(
+    name: str, local: str | None = None, prompt_format: str = DEFAULT_PROMPT_FORMAT
+) -> list[EvalPrompt]:
     """Load a suite of [`SUITES`] from the Hub (needs network, and the dataset's terms accepted where gated) or
     from a local copy of it, with the suite's default subset (see [`HubSuite`])."""
     spec = SUITES[name]
-    rows = load_dataset_rows(spec, local)
-    return hub_rows_to_prompts(name, spec, rows, local or f"{spec.dataset}:{spec.split}")
+    rows, revision = load_dataset_rows(spec, local)
+    return hub_rows_to_prompts(name, spec, rows, local or spec.dataset, prompt_format, revision)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -391,8 +512,10 @@ def load_prompt_file(path: str | Path, suite: str | None = None) -> list[EvalPro
     source, suite = str(path), suite or path.stem
     prompts: list[EvalPrompt] = []
     seen: set[str] = set()
+    revision = file_revision(path) if path.is_file() else None
     for line, row in _read_rows(path):
         prompt = row_to_prompt(row, source, line, suite)
+        prompt.dataset, prompt.dataset_revision = source, revision
         # The id keys resumption: two prompts under one id would shadow each other
         if prompt.id in seen:
             raise PromptFileError(source, line, "id", f"duplicate id {prompt.id!r}")
@@ -402,17 +525,22 @@ def load_prompt_file(path: str | Path, suite: str | None = None) -> list[EvalPro
 
 
 def load_suite(
-    spec: str, limit: int | None = None, sample: int | None = None, seed: int | None = None
+    spec: str,
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int | None = None,
+    prompt_format: str = DEFAULT_PROMPT_FORMAT,
 ) -> list[EvalPrompt]:
     """A suite by registry name (see [`SUITES`]), `name=path` (a local copy of a registry suite), or a local
     prompt file.
 
     `sample` draws that many prompts with `seed` (0: all of them); None keeps the suite's default subset (the
-    paper's 250 WildJailbreak prompts) and seed. `limit` then keeps the first N.
+    paper's 250 WildJailbreak prompts) and seed. `limit` then keeps the first N. `prompt_format` words the
+    capability suites of the registry (see [`PROMPT_FORMATS`]).
     """
     name, _, local = spec.partition("=")
     if name in SUITES:
-        prompts = load_hub_suite(name, local or None)
+        prompts = load_hub_suite(name, local or None, prompt_format)
         default = SUITES[name]
         prompts = sample_prompts(
             prompts, default.sample if sample is None else sample, default.seed if seed is None else seed
@@ -428,9 +556,21 @@ def load_suite(
     return prompts[:limit] if limit is not None else prompts
 
 
-def with_prefill(prompts: list[EvalPrompt], prefill: str, tokens: int | None = None) -> list[EvalPrompt]:
-    """Force `prefill` at the start of every trace that has no prefill of its own (the prefilling attack)."""
-    return [p if p.prefill is not None else replace(p, prefill=prefill, prefill_tokens=tokens) for p in prompts]
+PREFILL_TARGETS = ("harmful", "all")
+
+
+def with_prefill(
+    prompts: list[EvalPrompt], prefill: str, tokens: int | None = None, on: str = "harmful"
+) -> list[EvalPrompt]:
+    """Force `prefill` at the start of every trace that has no prefill of its own (the prefilling attack): of the
+    harmful prompts only (`on="harmful"`: the attack is on requests a model should refuse), or of `"all"`."""
+    if on not in PREFILL_TARGETS:
+        raise ValueError(f"--prefill_on {on!r}: use harmful or all.")
+
+    def targeted(prompt: EvalPrompt) -> bool:
+        return prompt.prefill is None and (on == "all" or prompt.expect == HARMFUL)
+
+    return [replace(p, prefill=prefill, prefill_tokens=tokens) if targeted(p) else p for p in prompts]
 
 
 def suite_samples(spec: str) -> int:
