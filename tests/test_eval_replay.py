@@ -16,8 +16,8 @@ import pytest
 from loopback import ChatCompletionsServer, completion
 from typer.testing import CliRunner
 
-from safekey_trl.chat_formats import TEMPLATE_DATE, trl_chat_templates
 from safekey_trl.cli import app
+from safekey_trl.data.chat_formats import TEMPLATE_DATE, trl_chat_templates
 from safekey_trl.evaluation import (
     HARM_PROMPTS,
     REFUSAL_PROMPT,

@@ -1,4 +1,4 @@
-"""The model family's turn at evaluation, through the same family layer as training (`chat_formats`).
+"""The model family's turn at evaluation, through the same family layer as training (`data.chat_formats`).
 
 - **The prompt** is the one training's examples start with: the family's template with thinking on
   (`enable_thinking`), a template's date pinned (gpt-oss), the generation prompt added.
@@ -21,9 +21,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ..chat_formats import AUTO, ResolvedFormat, render_turn, resolve_chat_format
-from ..chat_formats import render_prompt as render_family_prompt
 from ..data import THINK_OPEN
+from ..data.chat_formats import AUTO, ResolvedFormat, render_turn, resolve_chat_format
+from ..data.chat_formats import render_prompt as render_family_prompt
 from .suites import EvalPrompt
 
 # The SafeKey reference's gen.py places the prefill after the prompt as `text += " " + prefill_text`

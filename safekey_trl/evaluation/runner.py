@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ..chat_formats import AUTO
+from ..data.chat_formats import AUTO
 from .generation import Completion, Generator, SamplingSettings
 from .judges import Judge, Verdict
 from .rendering import (
