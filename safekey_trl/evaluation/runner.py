@@ -111,7 +111,8 @@ class ResultsFile:
 
 
 # What a row was generated under: a rollout made under other values is not resumed into the same file. Rollouts are
-# draws, so the number of them asked for (`samples`) may change between runs.
+# draws, so the number of them asked for (`samples`) may change between runs; the backend is recorded, not compared
+# (rows generated on a GPU may be judged later on a machine without vLLM; eval-report shows a file's backends).
 GENERATION_SETTINGS = (
     "max_new_tokens",
     "temperature",
@@ -119,7 +120,6 @@ GENERATION_SETTINGS = (
     "top_k",
     "repetition_penalty",
     "seed",
-    "backend",
     "chat_format",
     "prompt_format",
     "prefill",
@@ -130,7 +130,6 @@ GENERATION_SETTINGS = (
 # ... and what a verdict was given under
 JUDGE_SETTINGS = ("judge", "judge_model", "judge_rubric", "judge_prompt_sha256", "judge_part")
 UNKNOWN_WHEN_NONE = ("dataset_revision",)  # None: not known, not a different value
-VERDICT_FIELDS = ("extracted", "correct", "score", "refused", "refusal_class", "judge_raw", "error")
 
 
 def differences(row: dict[str, Any], settings: dict[str, Any], keys: Sequence[str]) -> list[str]:
@@ -196,7 +195,8 @@ def run_eval(
     """
     layout = chat_format if isinstance(chat_format, TurnLayout) else turn_layout(tokenizer, chat_format)
     results = ResultsFile(results_path, model)
-    extra = {**(settings or {}), **generator.describe()}
+    describe = getattr(generator, "describe", None)  # a generator of the user's may not say
+    extra = {**(settings or {}), **(describe() if describe else {"backend": type(generator).__name__})}
     judge_name = judge.name if judge is not None else "none"
 
     def needs_verdict(prompt: EvalPrompt) -> bool:
@@ -263,7 +263,7 @@ def run_eval(
         judged_from = int(row.get("judged_from") or 0)
         return judged_text(row["response"], response_parts(row), judge_part, judged_from)
 
-    def write(prompt: EvalPrompt, sample: int, row: dict[str, Any], verdict: Verdict) -> None:
+    def write(prompt: EvalPrompt, row: dict[str, Any], verdict: Verdict) -> None:
         fields = {
             "extracted": verdict.extracted,
             "correct": verdict.correct,
@@ -276,14 +276,14 @@ def run_eval(
         results.append({**row, **judged_under(prompt), **fields})
 
     def score(items: list[Item]) -> None:
-        for prompt, sample, row in items:
+        for prompt, _, row in items:
             try:
                 verdict = score_capability(prompt, row["response"], final_text(row["response"], response_parts(row)))
             except ImportError:
                 raise
             except Exception as error:  # one prompt's failure must not lose the others' rows
                 verdict = Verdict(error=f"{type(error).__name__}: {error}")
-            write(prompt, sample, row, verdict)
+            write(prompt, row, verdict)
 
     def finish(items: list[Item]) -> None:
         verdicts: list[Verdict] = [Verdict() for _ in items]
@@ -293,8 +293,8 @@ def run_eval(
                 verdicts = list(judge.judge_batch(pairs))
             except Exception as error:
                 verdicts = [Verdict(error=f"{type(error).__name__}: {error}") for _ in items]
-        for (prompt, sample, row), verdict in zip(items, verdicts, strict=True):
-            write(prompt, sample, row, verdict)
+        for (prompt, _, row), verdict in zip(items, verdicts, strict=True):
+            write(prompt, row, verdict)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -317,8 +317,8 @@ def run_eval(
                     bar.advance(judging, len(scored))
                 others = [item for item in items if item[0].expect != CAPABILITY]
                 if judge is None:
-                    for prompt, sample, row in others:
-                        write(prompt, sample, row, Verdict())
+                    for prompt, _, row in others:
+                        write(prompt, row, Verdict())
                     return
                 for chunk in [others] if batch_judge else [[item] for item in others]:
                     if not chunk:
