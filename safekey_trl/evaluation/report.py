@@ -121,7 +121,9 @@ def _settings(rows: list[dict[str, Any]], key: str) -> dict[str, list[str]]:
 def _describe_settings(values: dict[str, list[str]]) -> str:
     if len(values) <= 1:
         return next(iter(values), "-").replace("|", "\\|")
-    return "; ".join(f"{value} ({', '.join(suites)})" for value, suites in values.items()).replace("|", "\\|")
+    # Sorted: rows are appended as judging threads finish them, so their order is no order
+    described = (f"{value} ({', '.join(sorted(suites))})" for value, suites in sorted(values.items()))
+    return "; ".join(described).replace("|", "\\|")
 
 
 def setting_warnings(runs: Sequence[tuple[str, Path, list[dict[str, Any]]]]) -> list[str]:
