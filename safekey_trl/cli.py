@@ -5,6 +5,7 @@ command that needs it, so that `--help` and `recipes` start at once, without loa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import subprocess
 from collections.abc import Iterator
