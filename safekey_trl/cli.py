@@ -320,6 +320,8 @@ def validate(
     console.print(f"  K in the answer (outside the trace): {sum(example.key_in_answer for example in valid)}")
     if report.duplicates:
         console.print(f"[yellow]  {escape(report.duplicates_summary())}[/yellow]")
+    if report.implausible:
+        console.print(f"[yellow]  {escape(report.implausible_summary())}[/yellow]")
     if max_length is not None:
         console.print(
             f"  K cut by max_length={max_length}: {stats.key_truncated}; dropped: {stats.dropped_no_response}"
@@ -835,12 +837,18 @@ def convert(
         raise typer.Exit(2)
     label = "benign" if benign else "harmful" if harmful else None
     with _bad_input():
-        rows, report = convert_file(in_file, from_, label, parse_column_map(column_map or []), skip_invalid)
+        rows, report = convert_file(
+            in_file, from_, label, parse_column_map(column_map or []), skip_invalid, keep_offsets=annotate_with is None
+        )
         if annotate_with is None:
             write_rows(out_file, rows)
             # the counts only once the rows are written: a failed write converted nothing
             console.print(escape(report.summary()))
-            console.print(f"  written: {out_file} (no offsets yet: `safekey-trl data annotate {out_file} OUT`)")
+            without = report.converted - report.with_offsets
+            notes = [f"{report.with_offsets} with their offsets, checked"] if report.with_offsets else []
+            if without:
+                notes.append(f"{without} without offsets yet: `safekey-trl data annotate {out_file} OUT`")
+            console.print(escape(f"  written: {out_file} ({'; '.join(notes)})"))
             return
         annotated, failed, annotate_report = annotate_rows(enumerate(rows, start=1), annotate_with, str(in_file))
         write_rows(out_file, annotated)

@@ -286,3 +286,93 @@ def test_ctrl_c_during_training_says_where_the_last_checkpoint_is(tmp_path, monk
     monkeypatch.setattr("safekey_trl.sft.train", interrupted_early)
     result = runner.invoke(app, ["train", "--recipe", "tiny", "--output_dir", str(tmp_path / "none")])
     assert result.exit_code == 130 and "interrupted: no checkpoint saved yet" in one_line(result)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One set of row rules: annotate and convert refuse what validate refuses
+
+
+@pytest.mark.parametrize(
+    ("name", "content"), [("empty.jsonl", ""), ("list.json", "[]"), ("data.json", '{"data": []}')]
+)
+@pytest.mark.parametrize("command", ["annotate", "convert"])
+def test_annotate_and_convert_refuse_a_file_without_rows(tmp_path, name, content, command):
+    path = tmp_path / name
+    path.write_text(content)
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["data", command, str(path), str(out)])
+    assert_no_traceback(result)
+    assert result.exit_code == 2 and f"error: {path}: no rows" in one_line(result)
+    assert not out.exists()
+
+
+def second_think_block_rows() -> list[dict]:
+    response = "<think>\nOkay, the user asks a thing. But wait.\n</think>\n\n<think>\nMore.\n</think>\n\nNo."
+    return [GOOD[0], {"question": "Q?", "response": response, "source": "x"}]
+
+
+def test_annotate_and_convert_refuse_a_second_think_block_as_validate_does(tmp_path):
+    path = tmp_path / "two.jsonl"
+    write_rows(path, second_think_block_rows())
+    for command in (["annotate"], ["convert", "--from", "star1"]):
+        result = runner.invoke(app, ["data", command[0], str(path), str(tmp_path / "out.jsonl"), *command[1:]])
+        assert_no_traceback(result)
+        assert result.exit_code == 1, result.output
+        assert f"{path}: row 2, field 'response': a second <think> block" in one_line(result)
+    # An answer holding a second block after the first `</think>` is caught after normalising too
+    path.write_text(json.dumps({"question": "Q?", "response": "A. B.</think>C<think>D</think>E", "source": "x"}))
+    result = runner.invoke(app, ["data", "convert", str(path), str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 1 and "a second <think> block" in one_line(result)
+
+
+def test_convert_checks_the_offsets_it_keeps_and_says_which_rows_still_need_them(tmp_path):
+    plain = {k: v for k, v in GOOD[1].items() if k not in ("summary_end_idx", "next_sentence_end_idx")}
+    unnormalised = dict(GOOD[2], response=GOOD[2]["response"].replace("\n</think>\n\n", "</think>"))
+    path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_rows(path, [GOOD[0], plain, unnormalised])
+    result = runner.invoke(app, ["data", "convert", str(path), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no offsets yet" not in result.output
+    assert f"written: {out} (1 with their offsets, checked; 2 without offsets yet:" in one_line(result)
+    assert "offsets dropped: 1 (rows 3)" in one_line(result)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0] == GOOD[0] and "summary_end_idx" not in rows[2]
+    # An offset validate refuses is refused here too, named
+    write_rows(path, [dict(GOOD[0], next_sentence_end_idx=GOOD[0]["summary_end_idx"])])
+    result = runner.invoke(app, ["data", "convert", str(path), str(out)])
+    assert result.exit_code == 1 and "row 1, field 'next_sentence_end_idx': " in one_line(result)
+
+
+def test_implausible_offsets_are_kept_and_counted_but_empty_trace_rows_are_not(tmp_path, caplog):
+    row = dict(GOOD[0])
+    response = row["response"]
+    answer = response.index("\n</think>\n\n") + len("\n</think>\n\n")
+    # U swallows the whole trace and `</think>`, K starts inside the answer's first word
+    row.update(summary_end_idx=answer + 4, next_sentence_end_idx=answer + 30)
+    path = tmp_path / "odd.jsonl"
+    write_rows(path, [GOOD[1], row])
+    examples, report = load_examples(str(path))
+    assert len(examples) == 2 and report.count == 0
+    assert [number for number, _ in report.implausible] == [2]
+    reason = report.implausible[0][1]
+    assert "U covers the whole non-empty trace and </think>" in reason and "K starts inside the word" in reason
+    assert "1 row(s) with implausible offsets, kept (check them): row 2" in caplog.text
+    result = runner.invoke(app, ["data", "validate", str(path)])
+    assert result.exit_code == 0 and "1 row(s) with implausible offsets" in one_line(result)
+    assert "every row is valid" in result.output
+    fixture = Path(__file__).parent / "fixtures" / "empty_trace_rows.json"
+    assert load_examples(str(fixture))[1].implausible == []
+    assert load_examples(str(SAMPLE_DATA))[1].implausible == []
+
+
+def test_a_column_map_naming_a_missing_column_names_that_column(tmp_path):
+    from safekey_trl.config import SafeKeyDatasetConfig
+    from safekey_trl.data.mixture import load_mixture
+
+    path = tmp_path / "prompts.jsonl"
+    write_rows(path, [{k: v for k, v in GOOD[0].items() if k != "question"} | {"query": GOOD[0]["question"]}])
+    config = SafeKeyDatasetConfig(path=str(path), column_map={"prompt": "question"})
+    with pytest.raises(SafeKeyDataError) as caught:
+        load_mixture([config])
+    assert caught.value.field_name == "prompt"
+    assert "missing (the mixture's column_map renames 'prompt' to 'question')" in str(caught.value)

@@ -55,7 +55,7 @@ from typing import Any
 
 from ..llm_client import ChatClient, LLMRequestError
 from .reading import read_rows
-from .rows import THINK_CLOSE, THINK_OPEN, SafeKeyDataError
+from .rows import THINK_CLOSE, THINK_OPEN, SafeKeyDataError, prompt_and_response, validate_row
 
 logger = logging.getLogger(__name__)
 
@@ -638,11 +638,8 @@ def annotate_rows(
         try:
             if isinstance(row, SafeKeyDataError):
                 raise row
-            question, response, response_field = _question_and_response(row, source, number)
-            try:
-                trace_bounds(response)
-            except ValueError as error:
-                raise SafeKeyDataError(source, number, response_field, str(error)) from None
+            question, response, _ = _question_and_response(row, source, number)
+            prompt_and_response(row, source, number)  # the rules `data validate` applies to the same fields
             inputs[index] = (question, response)
         except SafeKeyDataError as error:
             if not skip_invalid:
@@ -678,6 +675,8 @@ def annotate_rows(
     failed: list[dict[str, Any]] = []
     for (number, row), outcome in zip(items, outcomes, strict=True):
         if isinstance(outcome, Annotation):
+            outcome = _checked_annotation(row, outcome, source, number)
+        if isinstance(outcome, Annotation):
             record = outcome.record()
             if "summary_end_idx" in row or "next_sentence_end_idx" in row:
                 record["previous"] = [row.get("summary_end_idx"), row.get("next_sentence_end_idx")]
@@ -706,6 +705,20 @@ def annotate_rows(
     report.requests += sum(failed_requests)
     report.failed_requests += sum(failed_requests)
     return annotated, failed, report
+
+
+def _checked_annotation(row: dict[str, Any], annotation: Annotation, source: str, number: int) -> Annotation | str:
+    """The annotation, or why the row it makes would fail `data validate` (the label aside: an unlabelled row is
+    annotated and reported)."""
+    probe = dict(row, summary_end_idx=annotation.summary_end_idx)
+    probe["next_sentence_end_idx"] = annotation.next_sentence_end_idx
+    if probe.get("unsafe") is None and probe.get("source") is None:
+        probe["source"] = ""
+    try:
+        validate_row(probe, source, number)
+    except SafeKeyDataError as error:
+        return f"field '{error.field_name}': {error.message}"
+    return annotation
 
 
 def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:

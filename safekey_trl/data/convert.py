@@ -1,4 +1,4 @@
-"""Convert common safety-SFT layouts to the SafeKey reference format (without offsets: see `annotate`).
+"""Convert common safety-SFT layouts to the SafeKey reference format (offsets come from `annotate`).
 
 Two input layouts:
 
@@ -15,7 +15,8 @@ models leave in the generation prompt, is added; the whitespace around the tags 
 offsets and the trainer's rendering rely on that shape. ``--benign`` sets ``unsafe: false`` (harmless look-alikes,
 SafeKey's ``4o_rewrite`` rows), ``--harmful`` sets ``unsafe: true``; ``--column-map old=new`` renames input columns
 first (e.g. ``prompt=question``, ``is_harmful=unsafe``). A bad row raises [`SafeKeyDataError`] naming the file, the
-row and the field.
+row and the field; the rules are `data validate`'s (one ``<think>`` block; offsets a row already has are kept only
+where normalising left the response unchanged, and checked).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .reading import read_rows
-from .rows import BENIGN_SOURCE, SafeKeyDataError
+from .rows import BENIGN_SOURCE, SafeKeyDataError, check_reasoning_response, validate_row
 
 FORMATS = ("star1", "messages")
 LABELS = ("benign", "harmful")
+OFFSET_FIELDS = ("summary_end_idx", "next_sentence_end_idx")
 
 
 def parse_column_map(items: Iterable[str]) -> dict[str, str]:
@@ -68,10 +70,19 @@ class ConvertReport:
     converted: int = 0
     harmful: int = 0
     benign: int = 0
+    with_offsets: int = 0  # rows that kept their U/K offsets, checked as `data validate` checks them
+    offsets_dropped: list[int] = field(default_factory=list)  # rows whose offsets normalising invalidated
     errors: list[SafeKeyDataError] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"{self.rows} rows read, {self.converted} converted ({self.harmful} harmful, {self.benign} benign)"]
+        if self.offsets_dropped:
+            rows = ", ".join(str(row) for row in self.offsets_dropped[:5])
+            more = ", ..." if len(self.offsets_dropped) > 5 else ""
+            lines.append(
+                f"  offsets dropped: {len(self.offsets_dropped)} (rows {rows}{more}): normalising the response moved "
+                "the text they pointed into; annotate these rows"
+            )
         if self.errors:
             lines.append(f"  skipped: {len(self.errors)}")
             lines += [f"    {error}" for error in self.errors[:10]]
@@ -154,11 +165,36 @@ def convert_row(
     number: int = 0,
     label: str | None = None,
     column_map: dict[str, str] | None = None,
+    keep_offsets: bool = True,
 ) -> dict[str, Any]:
-    """Convert one row from `layout` (`star1` or `messages`) to the SafeKey format without offsets.
+    """Convert one row from `layout` (`star1` or `messages`) to the SafeKey format.
 
-    `label` (`"benign"` or `"harmful"`) sets `unsafe`; without it the row must carry `unsafe` or `source`.
+    `label` (`"benign"` or `"harmful"`) sets `unsafe`; without it the row must carry `unsafe` or `source`. The response
+    must hold one `<think>` block, as `data validate` requires. U/K offsets the row already has are kept when the
+    response needed no normalising, and then checked as `data validate` checks them; when normalising changed the
+    response they no longer point where they did and are dropped (see [`convert_rows`], which counts them). With
+    `keep_offsets=False` they are passed through unchecked (for `annotate`, which replaces them).
     """
+    return _convert_row(row, layout, source, number, label, column_map, keep_offsets)[0]
+
+
+def _response_of(row: dict[str, Any]) -> Any:
+    messages = row.get("messages")
+    if row.get("question") is None and isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return messages[-1].get("content")
+    return row.get("response")
+
+
+def _convert_row(
+    row: Any,
+    layout: str,
+    source: str,
+    number: int,
+    label: str | None,
+    column_map: dict[str, str] | None,
+    keep_offsets: bool,
+) -> tuple[dict[str, Any], bool]:
+    """The converted row, and whether its offsets were dropped."""
     if layout not in FORMATS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {', '.join(FORMATS)}")
     if label is not None and label not in LABELS:
@@ -169,8 +205,15 @@ def convert_row(
         raise SafeKeyDataError(source, number, "<row>", f"expected a JSON object, got {type(row).__name__}")
     row = _apply_column_map(row, column_map or {}, source, number)
     converted = _convert_star1(row, source, number) if layout == "star1" else _convert_messages(row, source, number)
+    response_field = "response" if layout == "star1" else "messages"
+    check_reasoning_response(_response_of(converted), source, number, response_field)
     _apply_label(converted, label, source, number)
-    return converted
+    if not keep_offsets or not any(converted.get(name) is not None for name in OFFSET_FIELDS):
+        return converted, False
+    if _response_of(converted) != _response_of(row):
+        return {name: value for name, value in converted.items() if name not in OFFSET_FIELDS}, True
+    validate_row(converted, source, number)
+    return converted, False
 
 
 def is_harmful(row: dict[str, Any]) -> bool:
@@ -187,14 +230,16 @@ def convert_rows(
     label: str | None = None,
     column_map: dict[str, str] | None = None,
     skip_invalid: bool = False,
+    keep_offsets: bool = True,
 ) -> tuple[list[dict[str, Any]], ConvertReport]:
-    """Convert `(row_number, row)` pairs; a bad row raises [`SafeKeyDataError`] unless `skip_invalid`."""
+    """Convert `(row_number, row)` pairs; a bad row raises [`SafeKeyDataError`] unless `skip_invalid`. The report
+    counts the rows that kept checked offsets and those whose offsets were dropped (see [`convert_row`])."""
     report = ConvertReport()
     converted: list[dict[str, Any]] = []
     for number, row in rows:
         report.rows += 1
         try:
-            result = convert_row(row, layout, source, number, label, column_map)
+            result, dropped = _convert_row(row, layout, source, number, label, column_map, keep_offsets)
         except SafeKeyDataError as error:
             if not skip_invalid:
                 raise
@@ -202,6 +247,10 @@ def convert_rows(
             continue
         converted.append(result)
         report.converted += 1
+        if dropped:
+            report.offsets_dropped.append(number)
+        elif keep_offsets and any(result.get(name) is not None for name in OFFSET_FIELDS):
+            report.with_offsets += 1
         if is_harmful(result):
             report.harmful += 1
         else:
@@ -215,6 +264,7 @@ def convert_file(
     label: str | None = None,
     column_map: dict[str, str] | None = None,
     skip_invalid: bool = False,
+    keep_offsets: bool = True,
 ) -> tuple[list[dict[str, Any]], ConvertReport]:
     """Read and convert a `.jsonl`, `.json`, `.parquet` file or a Hub dataset; the rows are returned, not written."""
-    return convert_rows(read_rows(in_path), layout, str(in_path), label, column_map, skip_invalid)
+    return convert_rows(read_rows(in_path), layout, str(in_path), label, column_map, skip_invalid, keep_offsets)

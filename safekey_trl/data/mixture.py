@@ -118,6 +118,17 @@ def read_dataset_rows(config: SafeKeyDatasetConfig) -> Iterator[tuple[str, int, 
             yield source, number, row
 
 
+def _blame_column_map(error: SafeKeyDataError, config: SafeKeyDatasetConfig, row: Any) -> SafeKeyDataError:
+    """A field missing because the column `column_map` renames into it is missing: name that column, not the field."""
+    sources = {new: old for old, new in (config.column_map or {}).items()}
+    if error.field_name in sources and isinstance(row, dict) and row.get(error.field_name) is None:
+        old = sources[error.field_name]
+        return SafeKeyDataError(
+            error.source, error.row, old, f"missing (the mixture's column_map renames {old!r} to {error.field_name!r})"
+        )
+    return error
+
+
 def mixture_sizes(available: list[int], fractions: list[float | None]) -> list[int]:
     """How many rows of each dataset a mixture keeps: all of them without fractions, else TRL's `get_dataset` rule
     (shares normalised to one; the largest total for which no dataset is oversampled; `round(share · total)` each)."""
@@ -149,9 +160,11 @@ def load_mixture(
                 if isinstance(row, SafeKeyDataError):
                     raise row
                 examples.append(validate_row(row, source, number, allow_lm_only=True))
+                report.invalid.note(examples[-1])
             except SafeKeyDataError as error:
+                error = _blame_column_map(error, config, row)
                 if not skip_invalid:
-                    raise
+                    raise error from None
                 report.invalid.errors.append(error)
                 part.invalid += 1
         report.parts.append(part)
@@ -167,5 +180,7 @@ def load_mixture(
         mixed += kept
     if report.invalid.count:
         logger.warning(report.invalid.summary())
+    if report.invalid.implausible:
+        logger.warning(report.invalid.implausible_summary())
     logger.info("%s", report.describe())
     return mixed, report

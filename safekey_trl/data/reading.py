@@ -40,8 +40,18 @@ def read_rows(path_or_name: str, split: str = "train") -> Iterator[tuple[int, An
 
     Row numbers are 1-based (the line number in a `.jsonl` file). A row that cannot be read (a `.jsonl` line that is
     not JSON or not UTF-8, a string holding a lone surrogate) is yielded as a [`SafeKeyDataError`] in place of the
-    row, so that the caller decides whether to raise or to count it.
+    row, so that the caller decides whether to raise or to count it. A source without rows (an empty file, `[]`,
+    `{"data": []}`) raises `ValueError` once read: it is an error for every command, not an empty dataset.
     """
+    rows = 0
+    for item in _read_rows(path_or_name, split):
+        rows += 1
+        yield item
+    if not rows:
+        raise ValueError(f"{path_or_name}: no rows (the file is empty or an empty list)")
+
+
+def _read_rows(path_or_name: str, split: str) -> Iterator[tuple[int, Any]]:
     path = Path(path_or_name)
     source = str(path_or_name)
     suffix = path.suffix.lower()
@@ -111,10 +121,8 @@ def load_examples(
     """
     examples: list[SafeKeyExample] = []
     report = InvalidRowReport()
-    rows_read = 0
     first_seen: dict[str, int] = {}
     for number, row in read_rows(path_or_name, split):
-        rows_read += 1
         try:
             if isinstance(row, SafeKeyDataError):
                 raise row
@@ -125,6 +133,7 @@ def load_examples(
             report.errors.append(error)
             continue
         examples.append(example)
+        report.note(example)
         # the same prompt, response, offsets and label again; kept (a repeat weights a row up), but counted
         key = json.dumps(
             [
@@ -139,10 +148,10 @@ def load_examples(
             report.duplicates.append((number, first_seen[key]))
         else:
             first_seen[key] = number
-    if not rows_read:
-        raise ValueError(f"{path_or_name}: no rows (the file is empty or an empty list)")
     if report.count:
         logger.warning(report.summary())
     if report.duplicates:
         logger.warning(report.duplicates_summary())
+    if report.implausible:
+        logger.warning(report.implausible_summary())
     return examples, report

@@ -68,6 +68,13 @@ class SafeKeyExample:
         """True for a row without U and K: it trains the LM term only."""
         return self.summary_end_idx is None
 
+    @property
+    def implausible(self) -> str | None:
+        """Why the offsets look wrong though they are valid, or None: see [`implausible_offsets`]."""
+        if self.lm_only:
+            return None
+        return implausible_offsets(self.response, self.summary_end_idx, self.next_sentence_end_idx)
+
 
 @dataclass
 class InvalidRowReport:
@@ -75,6 +82,7 @@ class InvalidRowReport:
 
     errors: list[SafeKeyDataError] = field(default_factory=list)
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (row, the earlier row it repeats)
+    implausible: list[tuple[int, str]] = field(default_factory=list)  # (row, why its offsets look wrong), kept
 
     @property
     def count(self) -> int:
@@ -95,6 +103,55 @@ class InvalidRowReport:
         examples = ", ".join(f"row {row} repeats row {first}" for row, first in self.duplicates[:3])
         more = ", ..." if len(self.duplicates) > 3 else ""
         return f"{len(self.duplicates)} duplicate row(s), kept: {examples}{more}"
+
+    def implausible_summary(self, limit: int = 3) -> str:
+        """One line on the valid rows whose offsets look wrong (kept: they may be meant, check them)."""
+        examples = "; ".join(f"row {row}: {reason}" for row, reason in self.implausible[:limit])
+        more = "; ..." if len(self.implausible) > limit else ""
+        return f"{len(self.implausible)} row(s) with implausible offsets, kept (check them): {examples}{more}"
+
+    def note(self, example: SafeKeyExample) -> None:
+        """Count a valid example whose offsets look implausible."""
+        reason = example.implausible
+        if reason is not None:
+            self.implausible.append((example.row, reason))
+
+
+def implausible_offsets(response: str, summary_end: int, key_end: int) -> str | None:
+    """Why a valid row's U/K offsets look like a mistake, or None.
+
+    The reference data's empty-trace rows (`<think>\\n\\n</think>\\n\\n{answer}`, U covering the empty think block,
+    K the answer's first sentence) are plausible. Flagged: U covering a whole trace that holds text, and `</think>`,
+    with K in the answer (an offset counted in the wrong string, say), and a U/K boundary or K's end inside a word.
+    """
+    trace_end = response.find(THINK_CLOSE)
+    reasons = []
+    if 0 <= trace_end < summary_end and response[len(THINK_OPEN) : trace_end].strip():
+        reasons.append("U covers the whole non-empty trace and </think>, K lies in the answer")
+    for name, offset in (("K starts", summary_end), ("K ends", key_end)):
+        if 0 < offset < len(response) and response[offset - 1].isalnum() and response[offset].isalnum():
+            word_start = offset
+            while word_start > 0 and response[word_start - 1].isalnum():
+                word_start -= 1
+            word_end = offset
+            while word_end < len(response) and response[word_end].isalnum():
+                word_end += 1
+            reasons.append(f"{name} inside the word {response[word_start:word_end]!r} (character {offset})")
+    return "; ".join(reasons) or None
+
+
+def check_reasoning_response(response: str, source: str, number: int, field_name: str = "response") -> int:
+    """Raise [`SafeKeyDataError`] unless `response` is `"<think>\\n{trace}\\n</think>\\n\\n{answer}"` with one think
+    block (the rule `validate`, `annotate` and `convert` share); return where the trace ends (`"\\n</think>"`)."""
+    if not response.startswith(THINK_OPEN) or THINK_CLOSE not in response:
+        raise SafeKeyDataError(
+            source, number, field_name, "no <think> block: expected '<think>\\n{trace}\\n</think>\\n\\n{answer}'"
+        )
+    if response.count(OPEN_TAG) > 1 or response.count(CLOSE_TAG) > 1:
+        raise SafeKeyDataError(
+            source, number, field_name, "a second <think> block: expected one reasoning trace, then the answer"
+        )
+    return response.index(THINK_CLOSE)
 
 
 def find_lone_surrogate(value: Any, field_name: str = "<row>") -> tuple[str, str] | None:
@@ -150,6 +207,15 @@ def _prompt_messages(row: dict, source: str, number: int) -> tuple[list[dict[str
     return [{"role": "user", "content": question}], response
 
 
+def prompt_and_response(row: dict, source: str, number: int) -> tuple[list[dict[str, str]], str, str]:
+    """`(prompt_messages, response, response_field)` of a row in the `question`/`response` or `messages` form,
+    checked as [`validate_row`] checks them (a non-empty question, a user turn, one `<think>` block)."""
+    prompt, response = _prompt_messages(row, source, number)
+    response_field = "messages" if row.get("messages") is not None and row.get("question") is None else "response"
+    check_reasoning_response(response, source, number, response_field)
+    return prompt, response, response_field
+
+
 def _has_offsets(row: dict) -> bool:
     return any(row.get(name) is not None for name in ("summary_end_idx", "next_sentence_end_idx"))
 
@@ -200,17 +266,8 @@ def validate_row(row: Any, source: str, number: int, allow_lm_only: bool = False
         raise SafeKeyDataError(source, number, *found)
     if allow_lm_only and not _has_offsets(row):
         return validate_lm_only_row(row, source, number)
-    prompt, response = _prompt_messages(row, source, number)
-    response_field = "messages" if row.get("messages") is not None and row.get("question") is None else "response"
-    if not response.startswith(THINK_OPEN) or THINK_CLOSE not in response:
-        raise SafeKeyDataError(
-            source, number, response_field, "no <think> block: expected '<think>\\n{trace}\\n</think>\\n\\n{answer}'"
-        )
+    prompt, response, _ = prompt_and_response(row, source, number)
     trace_end = response.index(THINK_CLOSE)
-    if response.count(OPEN_TAG) > 1 or response.count(CLOSE_TAG) > 1:
-        raise SafeKeyDataError(
-            source, number, response_field, "a second <think> block: expected one reasoning trace, then the answer"
-        )
     summary_end = _require(row, "summary_end_idx", int, source, number)
     key_end = _require(row, "next_sentence_end_idx", int, source, number)
     for name, value in (("summary_end_idx", summary_end), ("next_sentence_end_idx", key_end)):

@@ -153,6 +153,8 @@ def render_stats(stats: DataStats, path: str = "") -> str:
         lines.append(f"  K in the answer (outside the trace): {stats.key_in_answer}")
     if stats.report.duplicates:
         lines.append(f"  {stats.report.duplicates_summary()}")
+    if stats.report.implausible:
+        lines.append(f"  {stats.report.implausible_summary()}")
     if stats.report.count:
         lines.append(f"  invalid: {stats.report.count} (run `safekey-trl data validate` for the list)")
     for name, values in (
