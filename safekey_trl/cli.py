@@ -107,7 +107,7 @@ def train(
                 main_process_ip=main_process_ip,
                 main_process_port=main_process_port,
             )
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             console.print(f"[red]error:[/red] {escape(str(error))}")
             raise typer.Exit(2) from None
         console.print(" ".join(command), markup=False)

@@ -47,6 +47,17 @@ class SafeKeyConfig(SFTConfig):
             on devices with Triton, the tiled kernel elsewhere. Both give the same loss, gradients and metrics.
             Models whose LM head TRL transforms (logit scaling, soft-capping) and MoE models use TRL's under `"auto"`;
             `"tiled"` refuses them.
+        non_finite_loss (`str`, *optional*, defaults to `"stop"`):
+            What a training step whose loss (the total, or any SafeKey term) or gradient norm is NaN or infinite does,
+            decided before the optimizer step and alike on every process. `"stop"`: training stops with an error
+            naming the step and the terms, before the weights change, so every checkpoint saved holds finite weights.
+            `"skip"`: the step leaves the weights and optimizer state as they were (it still counts in the schedule),
+            and is counted in the logged `skipped_steps`; the logged losses average the steps that were taken. Under
+            fp16 the gradient scaler already skips steps with infinite gradients, so only the losses are checked;
+            `"skip"` is refused under DeepSpeed, whose engine steps inside the backward pass.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Start a new run in an `output_dir` that holds another run's model or checkpoints (its `checkpoint-*`
+            folders are removed first). Without it such a folder is refused unless the run resumes from it.
     """
 
     qmm_weight: float = field(
@@ -74,6 +85,21 @@ class SafeKeyConfig(SFTConfig):
             "choices": ["auto", "trl", "tiled"],
         },
     )
+    non_finite_loss: str = field(
+        default="stop",
+        metadata={
+            "help": "A step with a NaN or infinite loss or gradient norm: 'stop' training (naming the step) or "
+            "'skip' it (the weights unchanged, counted in `skipped_steps`).",
+            "choices": ["stop", "skip"],
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an output_dir that holds another run's model or checkpoints (removing its "
+            "checkpoints); without it such a folder is refused unless resuming."
+        },
+    )
 
     # TRL turns checkpointing on by default through `gradient_checkpointing`, which transformers 5 deprecates for
     # `activation_checkpointing` with a FutureWarning whenever it is set: left unset here, TRL's default goes to the
@@ -99,6 +125,9 @@ class SafeKeyConfig(SFTConfig):
             raise ValueError(f"`head_theta` must be in [0, 1], got {self.head_theta}.")
         if self.lm_head_kernel not in ("auto", "trl", "tiled"):
             raise ValueError(f"`lm_head_kernel` must be 'auto', 'trl' or 'tiled', got {self.lm_head_kernel!r}.")
+        if self.non_finite_loss not in ("stop", "skip"):
+            raise ValueError(f"`non_finite_loss` must be 'stop' or 'skip', got {self.non_finite_loss!r}.")
+        self._refuse_counts_that_cannot_run()
         if self.auxiliary_epochs < 0:
             raise ValueError(f"`auxiliary_epochs` must be >= 0, got {self.auxiliary_epochs}.")
         # (with `max_steps` set, the Trainer ignores `num_train_epochs`, and so does this check)
@@ -112,6 +141,33 @@ class SafeKeyConfig(SFTConfig):
             raise ValueError(
                 "SafeKey truncates on the right (`truncation_mode='keep_start'`), so that U and K survive."
             )
+
+    def _refuse_counts_that_cannot_run(self) -> None:
+        """Stop at start-up on a step count, interval or length that would train something other than asked (the
+        Trainer reads `max_steps: 0` as "one step" and `save_steps: 0` as "never"), naming the option."""
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"`max_steps` must be a positive number of steps, or -1 to train for `num_train_epochs`; got "
+                f"{self.max_steps}."
+            )
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"`num_train_epochs` must be > 0, got {self.num_train_epochs}.")
+        for name, strategy in (("save_steps", self.save_strategy), ("eval_steps", self.eval_strategy)):
+            value = getattr(self, name)
+            if strategy == "steps" and value is not None and not value > 0:
+                raise ValueError(
+                    f"`{name}` must be > 0 with `{name[:4]}_strategy: steps` (a number of steps, or a fraction of the "
+                    f"run below 1); got {value}. To turn it off, set `{name[:4]}_strategy: no`."
+                )
+        for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(
+                f"`max_length` must be a positive number of tokens (or unset: no truncation), got {self.max_length}."
+            )
+        if not math.isfinite(self.learning_rate) or self.learning_rate < 0:
+            raise ValueError(f"`learning_rate` must be a finite number >= 0, got {self.learning_rate}.")
 
     def _refuse_what_safekey_cannot_train_with(self) -> None:
         """Stop at start-up on an `SFTConfig` switch that would drop, shift or duplicate SafeKey's spans and masks."""

@@ -81,7 +81,11 @@ def recipe_mixed_precision(recipe: str, overrides: list[str]) -> str:
     """`bf16`, `fp16` or `no`, as the recipe and its command-line overrides set `bf16`/`fp16` (TRL's default: bf16)."""
     import yaml
 
-    values = yaml.safe_load(resolve_recipe(recipe).read_text()) or {}
+    path = resolve_recipe(recipe)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise recipe_syntax_error(path, error) from None
     for index, argument in enumerate(overrides):
         name, _, inline = argument.lstrip("-").partition("=")
         if name in ("bf16", "fp16"):
@@ -94,12 +98,29 @@ def recipe_mixed_precision(recipe: str, overrides: list[str]) -> str:
     return "fp16" if fp16 else "bf16" if bf16 else "no"
 
 
+def recipe_syntax_error(path: Path, error: Exception) -> ValueError:
+    """One line for a recipe that is not valid YAML: the file, the line and column, and what is wrong there."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return ValueError(f"{path}: not valid YAML: {where}{problem}")
+
+
 def parse_recipe(
     recipe: str, overrides: list[str] | None = None
 ) -> tuple[SafeKeyScriptArguments, SafeKeyConfig, ModelConfig]:
     """Parse a recipe YAML into the three config dataclasses; `overrides` are `--field value` pairs that win."""
+    import yaml
+
     parser = TrlParser((SafeKeyScriptArguments, SafeKeyConfig, ModelConfig))
-    return parser.parse_args_and_config(args=["--config", str(resolve_recipe(recipe)), *(overrides or [])])
+    path = resolve_recipe(recipe)
+    try:
+        return parser.parse_args_and_config(args=["--config", str(path), *(overrides or [])])
+    except yaml.YAMLError as error:
+        raise recipe_syntax_error(path, error) from None
 
 
 def resume_checkpoint(training_args: SafeKeyConfig) -> Path | None:

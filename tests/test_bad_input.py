@@ -376,3 +376,37 @@ def test_a_column_map_naming_a_missing_column_names_that_column(tmp_path):
         load_mixture([config])
     assert caught.value.field_name == "prompt"
     assert "missing (the mixture's column_map renames 'prompt' to 'question')" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options refused with their name, before anything loads
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--max_steps", "0"], "`max_steps` must be a positive number of steps, or -1 to train for"),
+        (["--save_strategy", "steps", "--save_steps", "0"], "`save_steps` must be > 0 with `save_strategy: steps`"),
+        (["--max_length", "-5"], "`max_length` must be a positive number of tokens (or unset: no truncation), got -5"),
+        (["--gradient_accumulation_steps", "0"], "`gradient_accumulation_steps` must be at least 1, got 0"),
+        (["--non_finite_loss", "ignore"], "argument --non_finite_loss/--non-finite-loss: invalid choice: 'ignore'"),
+    ],
+)
+def test_training_options_that_would_train_something_else_are_refused_by_name(tmp_path, options, message):
+    result = runner.invoke(app, ["train", "--recipe", "tiny", "--output_dir", str(tmp_path / "out"), *options])
+    assert_no_traceback(result)
+    assert result.exit_code == 2 and message in one_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("launch", [[], ["--accelerate", "ddp"], ["--dry-run"]])
+def test_a_recipe_that_is_not_yaml_names_the_file_line_and_column(tmp_path, launch):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model_name_or_path: tiny:qwen2\nlearning_rate: [1e-3\nmax_steps: 2\n")
+    result = runner.invoke(app, ["train", "--recipe", str(recipe), *launch])
+    assert_no_traceback(result)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: {recipe}: not valid YAML: line 3, column 10: expected ',' or ']', but got ':' (while parsing a flow "
+        "sequence at line 2, column 16)"
+    )
