@@ -39,8 +39,12 @@ def _bad_input(invalid_hint: str = "") -> Iterator[None]:
     except SafeKeyDataError as error:
         console.print(f"[red]invalid:[/red] {escape(str(error))}{invalid_hint}")
         raise typer.Exit(1) from None
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
+    except (OSError, ValueError, ImportError) as error:
+        # OSError: a full disk or an output that cannot be written, reported by the code that wrote (one line)
+        message = str(error)
+        if isinstance(error, OSError) and error.errno and error.strerror:
+            message = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+        console.print(f"[red]error:[/red] {escape(message)}")
         raise typer.Exit(2) from None
 
 
@@ -134,11 +138,10 @@ def train(
 
 
 def _report_interrupted_training(output_dir: str) -> None:
-    from pathlib import Path
+    from .resume import latest_complete_checkpoint
 
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    # A checkpoint being written when the Ctrl-C came is not complete: never recommend it
+    last = latest_complete_checkpoint(output_dir)
     if last is None:
         console.print(f"[yellow]interrupted:[/yellow] no checkpoint saved yet in {escape(output_dir)}")
     else:

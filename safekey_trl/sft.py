@@ -19,7 +19,8 @@ from .data.mixture import dataset_label, load_mixture
 from .export import check_safetensors_files
 from .modeling import apply_tokenizer_settings, load_model_and_tokenizer, lora_config, train_added_tokens
 from .resources import accelerate_configs_dir, recipes_dir, resolve_dataset_path
-from .resume import resolve_resume_from_checkpoint
+from .resume import check_checkpoint_complete, resolve_resume_from_checkpoint
+from .run_lock import output_dir_guard
 from .tracking import check_trackers_installed
 from .trainer import SafeKeySFTTrainer
 
@@ -129,8 +130,7 @@ def resume_checkpoint(training_args: SafeKeyConfig) -> Path | None:
     resume = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is None:
         return None
-    if not Path(resume).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint {resume}: no such checkpoint directory")
+    check_checkpoint_complete(resume)
     return Path(resume)
 
 
@@ -172,7 +172,11 @@ def load_mixture_dataset(script_args: SafeKeyScriptArguments, tokenizer, trainin
 def train(
     script_args: SafeKeyScriptArguments, training_args: SafeKeyConfig, model_args: ModelConfig
 ) -> SafeKeySFTTrainer:
-    """Run a SafeKey training and save the final model; returns the trainer."""
+    """Run a SafeKey training and save the final model; returns the trainer.
+
+    Before anything loads: the trackers and the data are there, the checkpoint to resume is whole, and `output_dir`
+    can be written and is held for this run (see `run_lock`: a live run there, or a finished one not resumed, is
+    refused)."""
     # A tracker the recipe asks for, and data, must be there before minutes go into loading a model
     check_trackers_installed(training_args.report_to)
     check_recipe_data(script_args)
@@ -182,6 +186,16 @@ def train(
     checkpoint = resume_checkpoint(training_args)
     if checkpoint is not None:
         check_safetensors_files(checkpoint)
+    with output_dir_guard(output_dir, checkpoint is not None, training_args.overwrite_output_dir):
+        return _train(script_args, training_args, model_args, checkpoint)
+
+
+def _train(
+    script_args: SafeKeyScriptArguments,
+    training_args: SafeKeyConfig,
+    model_args: ModelConfig,
+    checkpoint: Path | None,
+) -> SafeKeySFTTrainer:
     set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(
         model_args, trust_remote_code=training_args.trust_remote_code, dequantize_mxfp4=script_args.dequantize_mxfp4
@@ -239,8 +253,7 @@ def train(
     if trainer.is_fsdp_enabled:
         # Gather the shards for the final save, so the exported model is plain safetensors
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(training_args.output_dir)
-    trainer.create_model_card(model_name=Path(training_args.output_dir).name)
+    trainer.save_run(training_args.output_dir)  # the model, its head and the model card, written aside and moved in
     if trainer.accelerator.is_main_process:
         logger.info("Saved the model to %s, its safety head and model card beside it.", training_args.output_dir)
     if training_args.push_to_hub:

@@ -323,8 +323,20 @@ def materialize_tiny(name: str, cache_dir: str | Path | None = None, seed: int =
     root = Path(cache_dir or os.environ.get("SAFEKEY_TRL_CACHE") or Path.home() / ".cache" / "safekey-trl")
     directory = root / f"tiny-{architecture}-{digest}"
     if not (directory / "config.json").is_file():
-        build_tiny_model(tokenizer, architecture, seed=seed).save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        # Written aside and renamed, so that a full disk or a kill never leaves a half-written model to be reused
+        staging = directory.with_name(f"{directory.name}.incomplete-{os.getpid()}")
+        build_tiny_model(tokenizer, architecture, seed=seed).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, directory)
+        except OSError:  # another process got there first (or a stale, partial copy is in the way)
+            import shutil
+
+            if not (directory / "config.json").is_file():
+                shutil.rmtree(directory, ignore_errors=True)
+                os.replace(staging, directory)
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,13 @@ from datasets import Dataset, IterableDataset
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .config import SafeKeyConfig, refuse_sequence_sharding
 from .data import SAFEKEY_FEATURES, SafeKeyExample, featurize
+from .finite import CHECKED, LOSS_TERMS, NonFiniteLossError, describe, loss_flags
 from .heads import (
     HEAD_ATTRIBUTE,
     HEAD_WEIGHTS_NAME,
@@ -31,7 +35,18 @@ from .lm_head import add_tiled_lm_head, supports_tiled_lm_head
 from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
 from .model_card import RunFacts, final_terms, render_model_card
 from .modeling import apply_tokenizer_settings
-from .resume import check_checkpoint_settings, resolve_resume_from_checkpoint, safekey_settings, save_safekey_settings
+from .outputs import disk_full_error, is_disk_full, move_into
+from .resume import (
+    TRAINER_STATE_NAME,
+    check_checkpoint_complete,
+    check_checkpoint_matches,
+    check_checkpoint_settings,
+    latest_complete_checkpoint,
+    resolve_resume_from_checkpoint,
+    safekey_settings,
+    save_safekey_settings,
+)
+from .run_lock import STAGING_DIR, output_dir_guard
 from .tracking import route_safekey_terms
 
 logger = logging.getLogger(__name__)
@@ -144,6 +159,21 @@ class SafeKeySFTTrainer(SFTTrainer):
         route_safekey_terms(self.callback_handler.callbacks)
         # The training data's names, for the model card (`sft.train` sets them; `create_model_card` adds its own)
         self.dataset_names: list[str] = []
+        if args.non_finite_loss == "skip" and self.is_deepspeed_enabled:
+            raise ValueError(
+                "`non_finite_loss: skip` is not supported under DeepSpeed: its engine steps the optimizer inside the "
+                "backward pass, before a step can be checked. Use `non_finite_loss: stop`."
+            )
+        # Non-finite steps (see `finite.py`): this step's flags and loss on this process, the SafeKey terms of the
+        # step held until it is known to count, the finite steps' loss for the log, and the steps skipped
+        self._step_flags: torch.Tensor | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._pending_terms: dict[str, list[float]] = {}
+        self._loss_window = [0.0, 0, 0]  # since the last log: finite steps' loss sum, their count, steps skipped
+        self._loss_run = [0.0, 0]
+        self.skipped_steps = 0
+        # While a checkpoint is written: the folder it is written in, renamed to `checkpoint-N` once whole
+        self._checkpoint_staging: str | None = None
 
     @staticmethod
     def _featurize_if_needed(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: SafeKeyConfig) -> Any:
@@ -232,6 +262,8 @@ class SafeKeySFTTrainer(SFTTrainer):
         self._log_lm_loss(lm_loss, inputs["labels"], num_items_in_batch, process_scale, mode)
 
         if not active:
+            if mode == "train":
+                self._note_step(lm_loss, None, None, lm_loss)
             return result
         key_tokens, key_examples = (
             self._auxiliary_normalizers if global_normalization else (key_mask.sum(), has_key.sum())
@@ -262,23 +294,114 @@ class SafeKeySFTTrainer(SFTTrainer):
         self._accumulate_term(mode, "qmm_key_accuracy", key_correct, key_total)
         self._accumulate_term(mode, "head_loss", head_total, examples)
         self._accumulate_term(mode, "head_accuracy", head_correct, examples)
+        if mode == "train":
+            self._note_step(lm_loss, qmm_sum, head_sum, loss)
         return (loss, result[1]) if return_outputs else loss
 
     def _accumulate_term(self, mode: str, name: str, total: float, count: float) -> None:
         # Sums and counts over the logging window, so that a logged term is its mean over every token or example
         # of the window, whatever the micro-batching (TRL's own metrics average the micro-batch means)
+        # Training terms wait in `_pending_terms` until their optimizer step is known to be finite (`_check_step`)
         if count > 0:
-            sums = self._term_sums[mode].setdefault(name, [0.0, 0.0])
+            sums = (self._pending_terms if mode == "train" else self._term_sums[mode]).setdefault(name, [0.0, 0.0])
             sums[0] += total
             sums[1] += count
+
+    def _commit_pending_terms(self) -> None:
+        for name, (total, count) in self._pending_terms.items():
+            sums = self._term_sums["train"].setdefault(name, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += count
+        self._pending_terms.clear()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
+        if mode == "train":
+            self._commit_pending_terms()  # terms of a `compute_loss` called outside the training loop
         for name, (total, count) in self._term_sums[mode].items():
             logs[f"{prefix}{name}"] = total / count
         self._term_sums[mode].clear()
+        if mode == "train" and "loss" in logs:
+            # The Trainer replaces a non-finite step's loss by a running mean, which is 0 when a logging window
+            # starts with it: log the mean of the steps taken instead (NaN when every step was skipped), never 0
+            total, steps, skipped = self._loss_window
+            if skipped:
+                logs["loss"] = total / steps if steps else float("nan")
+            self._loss_window = [0.0, 0, 0]
+        if self.skipped_steps and ("loss" in logs or "train_loss" in logs):
+            logs["skipped_steps"] = self.skipped_steps
+            if "train_loss" in logs:
+                logs["train_loss"] = self._loss_run[0] / self._loss_run[1] if self._loss_run[1] else float("nan")
         super().log(logs, start_time)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Non-finite steps
+
+    def _note_step(self, lm_loss, qmm_sum, head_sum, loss) -> None:
+        # Device-side flags, no synchronisation: the step's decision gathers them once (`_check_step`)
+        flags = loss_flags(lm_loss, qmm_sum, head_sum, loss)
+        self._step_flags = flags if self._step_flags is None else torch.maximum(self._step_flags, flags)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
+        return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        # Called on every process right before the optimizer step, with the norm TRL clipped with: the step is
+        # checked here, while it can still be stopped or skipped
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._check_step(grad_norm)
+        return grad_norm
+
+    def _check_step(self, grad_norm: Any) -> None:
+        """Stop or skip an optimizer step whose loss terms or gradient norm are not finite on any process."""
+        device = self.args.device
+        flags = self._step_flags if self._step_flags is not None else torch.zeros(len(LOSS_TERMS), device=device)
+        grad_bad = torch.zeros(1, device=device)
+        # Under fp16 the gradient scaler expects infinite gradients now and then and skips those steps itself
+        if grad_norm is not None and self.accelerator.scaler is None:
+            norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=device).reshape(1)
+            grad_bad = (~torch.isfinite(norm)).float()
+        step_loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=device)
+        local = torch.cat([flags.float().to(device), grad_bad, step_loss.float().reshape(1).to(device)])
+        self._step_flags = self._step_loss = None
+        # One gather: every process sees every process's flags, so all take the same decision
+        gathered = self.accelerator.gather(local.unsqueeze(0)) if self.accelerator.num_processes > 1 else local
+        rows = gathered.view(-1, len(CHECKED) + 1).tolist()
+        bad = [name for index, name in enumerate(CHECKED) if any(row[index] > 0 for row in rows)]
+        step_loss_mean = sum(row[-1] for row in rows) / len(rows)
+        if not bad:
+            self._commit_pending_terms()
+            self._loss_window[0] += step_loss_mean
+            self._loss_window[1] += 1
+            self._loss_run[0] += step_loss_mean
+            self._loss_run[1] += 1
+            return
+        self._pending_terms.clear()
+        step = self.state.global_step + 1
+        if self.args.non_finite_loss == "skip":
+            self.optimizer.zero_grad(set_to_none=True)  # the optimizer step then leaves every weight as it was
+            self.skipped_steps += 1
+            self._loss_window[2] += 1
+            logger.warning(
+                "step %d: %s not finite; the step is skipped (weights unchanged), %d skipped so far.",
+                step,
+                describe(bad),
+                self.skipped_steps,
+            )
+            return
+        last = latest_complete_checkpoint(self.args.output_dir)
+        raise NonFiniteLossError(
+            step,
+            bad,
+            f"training stopped at step {step}: {describe(bad)} {'is' if len(bad) == 1 else 'are'} not finite (NaN "
+            f"or infinite). The step was not applied: the weights are those after step {step - 1}; "
+            + (f"the last checkpoint is {last}" if last else "no checkpoint was saved yet")
+            + f". Lower the learning rate (now {self.args.learning_rate:g}) or check the data; "
+            "`--non_finite_loss skip` skips such steps instead.",
+        )
 
     def _log_lm_loss(
         self,
@@ -380,12 +503,136 @@ class SafeKeySFTTrainer(SFTTrainer):
     # Saving and resuming
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """Train; `resume_from_checkpoint` is a checkpoint path, or `True`/`"true"`/`"auto"` for the last checkpoint
-        in `output_dir` (none yet: start fresh). A checkpoint written with other SafeKey settings is refused."""
+        """Train; `resume_from_checkpoint` is a checkpoint path, or `True`/`"true"`/`"auto"` for the last complete
+        checkpoint in `output_dir` (none yet: start fresh). A checkpoint written with other SafeKey settings, for
+        another model, or as a LoRA adapter for a full fine-tune (or the other way round) is refused before any weight
+        loads. `output_dir` is locked for the run (see `run_lock`): a live run there, or a finished one not resumed,
+        is refused."""
         checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
+            check_checkpoint_complete(checkpoint)
             check_checkpoint_settings(checkpoint, self.args)
-        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+            check_checkpoint_matches(checkpoint, self._causal_lm(), self._adapter_config())
+        self._warn_accumulation_beyond_epoch()
+        with output_dir_guard(self.args.output_dir, checkpoint is not None, self.args.overwrite_output_dir):
+            return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    def _adapter_config(self) -> Any:
+        model = self.accelerator.unwrap_model(self.model)
+        configs = getattr(model, "peft_config", None)
+        return next(iter(configs.values())) if configs else None
+
+    def _accumulation(self) -> tuple[int, int, int | None]:
+        """`(batches accumulated per optimizer step, examples per step, batches per epoch on a process)`, as run: an
+        epoch with fewer batches than `gradient_accumulation_steps` makes each step accumulate the whole epoch."""
+        asked = self.args.gradient_accumulation_steps
+        per_step = self.args.per_device_train_batch_size * self.args.world_size
+        try:
+            examples = len(self.train_dataset)
+        except TypeError:  # an iterable dataset: no epoch length to compare with
+            return asked, asked * per_step, None
+        batches = examples // per_step if self.args.dataloader_drop_last else math.ceil(examples / per_step)
+        if batches == 0 or asked <= batches:
+            return asked, asked * per_step, batches
+        return batches, min(batches * per_step, examples), batches
+
+    def _warn_accumulation_beyond_epoch(self) -> None:
+        accumulated, examples, batches = self._accumulation()
+        asked = self.args.gradient_accumulation_steps
+        if accumulated < asked:
+            logger.warning(
+                "gradient_accumulation_steps=%d is more than the %d batch(es) of an epoch "
+                "(per_device_train_batch_size %d x %d process(es)): each optimizer step accumulates the whole epoch, "
+                "%d examples, not %d. The model card and safekey_config.json record what is run.",
+                asked,
+                batches,
+                self.args.per_device_train_batch_size,
+                self.args.world_size,
+                examples,
+                asked * self.args.per_device_train_batch_size * self.args.world_size,
+            )
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While a checkpoint is saved, the Trainer writes it into the staging folder (see `_save_checkpoint`)
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written aside in `output_dir/_safekey_incomplete/checkpoint-N` and renamed to
+        `checkpoint-N` once every process has written its part: an interrupted or failed save never leaves a
+        `checkpoint-N` that auto-resume would take for complete. A full disk is reported as one line."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = run_dir / STAGING_DIR / name, run_dir / name
+        if self.args.should_save and staged.exists():
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = str(staged.parent)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            full = is_disk_full(error, staged)
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)
+            if not full:
+                raise
+            last = latest_complete_checkpoint(run_dir)
+            kept = f"kept: {'the last complete checkpoint ' + last if last else 'no complete checkpoint yet'}"
+            raise disk_full_error(staged, f"{kept}; the incomplete one was removed") from None
+        finally:
+            self._checkpoint_staging = None
+        if self.state.best_model_checkpoint == str(staged):
+            self.state.best_model_checkpoint = str(final)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            # With `save_on_each_node` on a shared filesystem another node's process may have moved it already
+            if staged.exists():
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staged, final)
+            try:
+                staged.parent.rmdir()
+            except OSError:  # not empty, or already gone
+                pass
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def save_run(self, output_dir: str | None = None, model_name: str | None = None) -> None:
+        """Save the final model (or adapter), its head, the SafeKey settings and the model card into `output_dir`:
+        written aside, then moved in file by file, so that a full disk or an interruption leaves no truncated file
+        and the checkpoints untouched. A full disk is reported as one line."""
+        target = Path(output_dir or self.args.output_dir)
+        staged = target / STAGING_DIR / "final"
+        if self.args.should_save and staged.exists():
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        try:
+            self.save_model(str(staged))
+            if self.is_world_process_zero():
+                self._write_model_card(staged, model_name or target.name)
+        except Exception as error:
+            full = is_disk_full(error, staged)
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)
+            if not full:
+                raise
+            last = latest_complete_checkpoint(target)
+            kept = f"kept: {'the checkpoints, the last ' + last if last else 'no checkpoint'}; no partial file"
+            raise disk_full_error(staged, kept) from None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and staged.exists():
+            move_into(staged, target)
+            try:
+                staged.parent.rmdir()
+            except OSError:
+                pass
+        self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save a clean causal LM (no head weights) and the head beside it in `safekey_head.safetensors`."""
@@ -400,6 +647,7 @@ class SafeKeySFTTrainer(SFTTrainer):
 
     def run_facts(self) -> RunFacts:
         """What the model card states: settings, base model, data and its label balance, final per-term losses."""
+        accumulation = self._accumulation()
         model = self.accelerator.unwrap_model(self.model)
         adapter = hasattr(model, "peft_config")
         if adapter:
@@ -415,13 +663,17 @@ class SafeKeySFTTrainer(SFTTrainer):
             training={
                 "num_train_epochs": self.args.num_train_epochs,
                 "learning_rate": self.args.learning_rate,
-                "effective_batch_size": self.args.per_device_train_batch_size
-                * self.args.gradient_accumulation_steps
-                * self.args.world_size,
+                "effective_batch_size": accumulation[1],
+                "gradient_accumulation_steps": accumulation[0],
                 "max_length": self.args.max_length,
             },
             final=final_terms(self.state.log_history),
         )
+        if accumulation[0] < self.args.gradient_accumulation_steps:
+            # What the recipe asked for, beside what was run
+            facts.training["gradient_accumulation_steps_asked"] = self.args.gradient_accumulation_steps
+        if self.skipped_steps:
+            facts.training["skipped_steps"] = self.skipped_steps
         if isinstance(self.train_dataset, Dataset):
             has_key = [end > 0 for end in self.train_dataset["prefix_end"]]
             unsafe = self.train_dataset["unsafe"]
@@ -440,10 +692,13 @@ class SafeKeySFTTrainer(SFTTrainer):
             return
         if dataset_name and dataset_name not in self.dataset_names:
             self.dataset_names.append(dataset_name)
+        self._write_model_card(Path(self.args.output_dir), model_name, tags)
+
+    def _write_model_card(self, directory: Path, model_name: str | None, tags: str | list[str] | None = None) -> None:
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         card = render_model_card(self.run_facts(), repo_id=self.hub_model_id or model_name, tags=tags)
-        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.args.output_dir) / "README.md").write_text(card, encoding="utf-8")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "README.md").write_text(card, encoding="utf-8")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -456,8 +711,24 @@ class SafeKeySFTTrainer(SFTTrainer):
         self.safety_head.load_state_dict(load_file(str(head_file), device=str(self.args.device)))
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
-        # The head is not in the model's weights file (it has its own), so it is never a missing key
-        missing = [key for key in load_result.missing_keys if f"{HEAD_ATTRIBUTE}." not in key]
+        # The head is not in the model's weights file (it has its own), so it is never a missing key; nor is a weight
+        # tied to one that loaded (the LM head tied to the embeddings is saved once, under the embeddings' name)
+        tied = self._tied_to_loaded(load_result.missing_keys)
+        missing = [key for key in load_result.missing_keys if f"{HEAD_ATTRIBUTE}." not in key and key not in tied]
         load_result.missing_keys.clear()
         load_result.missing_keys.extend(missing)
         super()._issue_warnings_after_load(load_result)
+
+    def _tied_to_loaded(self, missing_keys: list[str]) -> set[str]:
+        """The missing keys whose parameter is the same tensor as a parameter that loaded."""
+        missing = set(missing_keys)
+        by_storage: dict[int, list[str]] = {}
+        for name, parameter in self.model.named_parameters(remove_duplicate=False):
+            by_storage.setdefault(parameter.data_ptr(), []).append(name)
+        return {
+            name
+            for names in by_storage.values()
+            if any(other not in missing for other in names)
+            for name in names
+            if name in missing
+        }

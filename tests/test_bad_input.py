@@ -236,6 +236,7 @@ def fake_run(directory: Path, truncate: str | None = None) -> Path:
     """A run directory as export reads it: config, model weights and head weights, one of them truncated."""
     directory.mkdir(parents=True)
     (directory / "config.json").write_text("{}")
+    (directory / "trainer_state.json").write_text("{}")
     save_file({"weight": torch.zeros(64)}, str(directory / "model.safetensors"))
     save_file({"linear.weight": torch.zeros(8)}, str(directory / "safekey_head.safetensors"))
     if truncate:
@@ -273,6 +274,7 @@ def test_ctrl_c_during_training_says_where_the_last_checkpoint_is(tmp_path, monk
     def interrupted(script_args, training_args, model_args):
         for step in (2, 10, 4):
             (out / f"checkpoint-{step}").mkdir(parents=True)
+            (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
         raise KeyboardInterrupt
 
     monkeypatch.setattr("safekey_trl.sft.train", interrupted)

@@ -14,6 +14,7 @@ from safekey_trl.resume import SAFEKEY_SETTINGS_NAME, resolve_resume_from_checkp
 def test_resolve_picks_the_newest_checkpoint_by_step_not_by_name(tmp_path):
     for step in (2, 9, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     for value in (True, "true", "auto", "AUTO"):
         assert resolve_resume_from_checkpoint(value, tmp_path) == str(tmp_path / "checkpoint-10")
     assert resolve_resume_from_checkpoint(str(tmp_path / "checkpoint-2"), tmp_path) == str(tmp_path / "checkpoint-2")
