@@ -162,13 +162,24 @@ def export_command(
         typer.Option(help="Also upload the export to this Hub repo (user/name)."),
     ] = None,
     private: Annotated[bool, typer.Option(help="Create the Hub repo private.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a previous export in --out (never a file no export wrote).")
+    ] = False,
 ) -> None:
     """Export a run: the model (or LoRA adapter, or adapter merged into the base), its safety head beside it and
     SafeKey's model card; `--push_to_hub REPO` uploads them."""
     from .export import export
 
     with _bad_input():
-        path = export(run_dir, out, merge=merge, dtype=dtype, push_to_hub=push_to_hub, private=private or None)
+        path = export(
+            run_dir,
+            out,
+            merge=merge,
+            dtype=dtype,
+            push_to_hub=push_to_hub,
+            private=private or None,
+            overwrite=overwrite,
+        )
     console.print(f"exported to {path} (model loads with AutoModelForCausalLM; head in safekey_head.safetensors)")
     if push_to_hub is not None:
         console.print(f"pushed to https://huggingface.co/{push_to_hub}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -12,12 +14,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .heads import HEAD_ATTRIBUTE, HEAD_WEIGHTS_NAME
 from .model_card import RunFacts, render_model_card
-from .resume import SAFEKEY_SETTINGS_NAME, load_safekey_settings
+from .outputs import check_writable, disk_full_error, is_disk_full
+from .resume import SAFEKEY_SETTINGS_NAME, check_checkpoint_complete, load_safekey_settings
+from .run_lock import STAGING_DIR
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json")
+MERGE_DTYPES = ("bfloat16", "float16", "float32")
+# What an export wrote into its folder: a later `--overwrite` export replaces these files and no others
+EXPORT_MANIFEST = "_safekey_export.json"
 
 
 def export(
@@ -28,6 +35,7 @@ def export(
     push_to_hub: str | None = None,
     private: bool | None = None,
     token: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a run's model to `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained`, with no head weights
     in it, the head beside it in `safekey_head.safetensors`, and SafeKey's model card in `README.md`; optionally
@@ -35,17 +43,27 @@ def export(
 
     Args:
         run_dir: A run's `output_dir` or one of its `checkpoint-*` directories.
-        out_dir: Where to write; created if missing.
+        out_dir: Where to write; created if missing. A folder that holds files is refused unless `overwrite`, and
+            even then a file the export would write over is refused unless an earlier export wrote it (its
+            `_safekey_export.json` lists them); files of another kind are left alone.
         merge: For a LoRA run, merge the adapter into the base weights (loaded unquantized in `dtype`) instead of
             exporting the adapter alone. A full fine-tune has nothing to merge.
         dtype: The dtype of the merged weights.
         push_to_hub: A Hub repository id (`user/name`) to upload the export to; created if missing.
         private: Create that repository private (no effect on an existing one).
         token: A Hub token with write access; default: the logged-in one.
+        overwrite: Write into a folder that holds a previous export (see `out_dir`).
+
+    Everything is written aside (`out_dir/_safekey_incomplete/export`) and moved in once whole: a full disk leaves
+    `out_dir` as it was and is reported as one line.
     """
     run, out = Path(run_dir), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory; the export needs a directory")
+    if dtype not in MERGE_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}; got {dtype!r}")
+    if out.exists() and run.exists() and out.resolve() == run.resolve():
+        raise ValueError(f"{out}: is the run folder being exported; give --out another folder")
     head_file = run / HEAD_WEIGHTS_NAME
     if not head_file.is_file():
         raise FileNotFoundError(f"{run}: no {HEAD_WEIGHTS_NAME}; not a SafeKey run or checkpoint directory.")
@@ -54,9 +72,42 @@ def export(
         raise FileNotFoundError(f"{run}: neither a model (config.json) nor a LoRA adapter (adapter_config.json).")
     if merge and not is_adapter:
         raise ValueError(f"{run}: a full fine-tune has no adapter to merge; export it without --merge.")
+    if run.name.startswith("checkpoint-"):
+        check_checkpoint_complete(run)
     check_safetensors_files(run)
-    out.mkdir(parents=True, exist_ok=True)
+    previous = _check_target(out, overwrite)
+    check_writable(out, "--out")  # before loading anything: a read-only or full target fails now
+    staging = out / STAGING_DIR / "export"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _write_export(run, staging, head_file, is_adapter, merge, dtype, push_to_hub)
+    except Exception as error:
+        full = is_disk_full(error, staging)
+        shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
+        if full:
+            raise disk_full_error(staging, f"kept: {out} as it was, no partial file") from None
+        raise
+    written = _move_export(staging, out, previous)
+    if push_to_hub is not None:
+        from huggingface_hub import HfApi
 
+        api = HfApi(token=token)
+        repo_id = api.create_repo(push_to_hub, private=private, exist_ok=True).repo_id
+        # Exactly what this export wrote, not whatever else lies in the folder
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(out),
+            allow_patterns=written,
+            ignore_patterns=[EXPORT_MANIFEST, f"{STAGING_DIR}*"],
+            commit_message="Upload SafeKey model",
+        )
+    return out
+
+
+def _write_export(
+    run: Path, out: Path, head_file: Path, is_adapter: bool, merge: bool, dtype: str, push_to_hub: str | None
+) -> None:
     if is_adapter and merge:
         from peft import PeftConfig, PeftModel
 
@@ -73,13 +124,49 @@ def export(
     shutil.copy2(head_file, out / HEAD_WEIGHTS_NAME)
     _check_no_head_weights(out)
     write_model_card(run, out, adapter=is_adapter and not merge, repo_id=push_to_hub)
-    if push_to_hub is not None:
-        from huggingface_hub import HfApi
 
-        api = HfApi(token=token)
-        repo_id = api.create_repo(push_to_hub, private=private, exist_ok=True).repo_id
-        api.upload_folder(repo_id=repo_id, folder_path=str(out), commit_message="Upload SafeKey model")
-    return out
+
+def _previous_export(out: Path) -> list[str]:
+    try:
+        return list(json.loads((out / EXPORT_MANIFEST).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _check_target(out: Path, overwrite: bool) -> list[str]:
+    """Refuse a target folder that holds files, unless `overwrite`; return the files a previous export wrote."""
+    present = sorted(entry.name for entry in out.iterdir() if entry.name != STAGING_DIR) if out.is_dir() else []
+    if present and not overwrite:
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise ValueError(
+            f"{out}: not empty ({len(present)} entries: {shown}); give an empty or new --out, or pass --overwrite to "
+            "replace a previous export there (files it did not write are never replaced)"
+        )
+    return _previous_export(out)
+
+
+def _move_export(staging: Path, out: Path, previous: list[str]) -> list[str]:
+    """Move the staged export into `out`: refused, with nothing moved, when it would replace a file no export wrote;
+    a previous export's files that this one does not write are removed. Returns the names written."""
+    names = sorted(entry.name for entry in staging.iterdir())
+    foreign = [name for name in names if (out / name).exists() and name not in previous]
+    if foreign:
+        shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
+        raise ValueError(
+            f"{out}: the export would replace {', '.join(foreign)}, which no export wrote; move them away or give "
+            "another --out"
+        )
+    for name in names:
+        (staging / name).replace(out / name)
+    for name in previous:
+        if name not in names and (out / name).is_file():
+            (out / name).unlink()
+    shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
+    manifest = {"files": names, "exported_at": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    temporary = out / f".{EXPORT_MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    temporary.replace(out / EXPORT_MANIFEST)
+    return names
 
 
 def check_safetensors_files(directory: str | Path) -> None:

@@ -421,3 +421,79 @@ def test_two_processes_share_one_lock_and_one_decision_on_a_nan(tmp_path):
     assert not (out / LOCK_NAME).exists()
     assert json.loads((out / "safekey_config.json").read_text())["run"]["training"]["skipped_steps"] == 1
     assert torch.equal(torch.load(report / "rank0.pt"), torch.load(report / "rank1.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Export: never over files it did not write; a full disk loses nothing
+
+
+def test_export_refuses_a_folder_with_other_files_and_replaces_only_its_own(trained_run, tmp_path):
+    checkpoint = trained_run[0] / "checkpoint-2"
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"README.md": "my notes", "config.json": '{"model_type": "other"}', "model.safetensors": "other weights"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(out)])
+    assert result.exit_code == 2
+    assert one_line(result).startswith(
+        f"error: {out}: not empty (3 entries: README.md, config.json, model.safetensors)"
+    )
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(out), "--overwrite"])
+    assert result.exit_code == 2
+    assert "the export would replace README.md, config.json, model.safetensors, which no export wrote" in (
+        one_line(result)
+    )
+    assert {name: (out / name).read_text() for name in mine} == mine and sorted(
+        p.name for p in out.iterdir()
+    ) == sorted(mine)
+    # Into a new folder, then again over its own export: allowed with --overwrite; a file of the user's is left alone
+    fresh = tmp_path / "fresh"
+    assert runner.invoke(app, ["export", str(checkpoint), "--out", str(fresh)]).exit_code == 0
+    (fresh / "notes.txt").write_text("keep me")
+    assert runner.invoke(app, ["export", str(checkpoint), "--out", str(fresh)]).exit_code == 2
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(fresh), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (fresh / "notes.txt").read_text() == "keep me" and (fresh / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--out", "{run}"], "{run}: is the run folder being exported; give --out another folder"),
+        (["--out", "{tmp}/x", "--merge", "--dtype", "float99"], "--dtype must be one of bfloat16, float16, float32"),
+    ],
+)
+def test_export_options_that_cannot_work_are_one_line(trained_run, tmp_path, options, message):
+    run = copy_run(trained_run, tmp_path) / "checkpoint-2"
+    if "--merge" in options:  # made a LoRA run's checkpoint: the adapter and its config in place of the model
+        (run / "config.json").unlink()
+        (run / "model.safetensors").rename(run / "adapter_model.safetensors")
+        (run / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "base_model_name_or_path": "b", "r": 8})
+        )
+    options = [option.format(run=run, tmp=tmp_path) for option in options]
+    result = runner.invoke(app, ["export", str(run), *options])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2 and one_line(result).startswith("error: " + message.format(run=run))
+
+
+def test_a_full_disk_during_export_leaves_the_target_as_it_was(trained_run, tmp_path, monkeypatch):
+    import safekey_trl.export
+
+    real = shutil.copy2
+
+    def copy_until_full(source, target):
+        if Path(source).name == "model.safetensors":
+            Path(target).write_bytes(Path(source).read_bytes()[:28_000])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(source, target)
+
+    monkeypatch.setattr(safekey_trl.export.shutil, "copy2", copy_until_full)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", str(trained_run[0] / "checkpoint-2"), "--out", str(out)])
+    assert result.exit_code == 2 and one_line(result).startswith("error: no space left on ")
+    assert one_line(result).endswith(
+        f"while writing {out / STAGING_DIR / 'export'}; kept: {out} as it was, no partial file"
+    )
+    assert list(out.iterdir()) == []
