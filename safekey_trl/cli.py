@@ -218,13 +218,22 @@ def _tokenizer(name: str, template: str | None = None):
         return build_tiny_tokenizer(family=template)
     try:
         tokenizer = load_tokenizer(name)
-    except OSError as error:  # not found, or offline without a cached copy
+    except FileNotFoundError:
+        raise  # a Hub name not in the cache, offline: already one line saying so
+    except OSError as error:  # not found
         raise ValueError(
             f"cannot load the tokenizer {name!r}: {str(error).splitlines()[0]} (pass --tokenizer; tiny:qwen2 works "
             "offline)"
         ) from None
     if template is not None:
         tokenizer.chat_template = family_template(template)
+        if template not in CHAT_FORMATS:
+            from .data.chat_formats import ChatFormatError, resolve_chat_format
+
+            try:  # a file whose template is no known family: say which file
+                resolve_chat_format(tokenizer)
+            except ChatFormatError as error:
+                raise ChatFormatError(f"--template {template}: {error}") from None
     return tokenizer
 
 
@@ -805,10 +814,17 @@ def annotate(
     ] = False,
 ) -> None:
     """Find U and K in every row's reasoning trace and write `summary_end_idx`/`next_sentence_end_idx`."""
-    from .data.annotate import METHODS, annotate_file, resolve_llm_settings, sidecar_path
+    from .data.annotate import METHODS, AnnotationInterrupted, annotate_file, resolve_llm_settings, sidecar_path
 
     if method not in METHODS:
         console.print(f"[red]error:[/red] --method must be one of {', '.join(METHODS)}")
+        raise typer.Exit(2)
+    for name, value, least in (("--concurrency", concurrency, 1), ("--retries", retries, 0)):
+        if value < least:
+            console.print(f"[red]error:[/red] {name} must be at least {least}, got {value}")
+            raise typer.Exit(2)
+    if not timeout > 0:
+        console.print(f"[red]error:[/red] --timeout must be a number of seconds > 0, got {timeout}")
         raise typer.Exit(2)
     settings = None
     with _bad_input("\n(use --skip_invalid to set such rows aside)"):
@@ -816,7 +832,20 @@ def annotate(
             settings = resolve_llm_settings(
                 base_url, model, api_key, concurrency=concurrency, timeout=timeout, max_retries=retries
             )
-        report = annotate_file(in_file, out_file, method, settings, cache, skip_invalid)
+        try:
+            report = annotate_file(in_file, out_file, method, settings, cache, skip_invalid)
+        except AnnotationInterrupted as stop:
+            kept = (
+                f"the LLM's answers so far are kept in {stop.cache}: run the same command again to resume (only rows "
+                "without a cached answer are sent)"
+                if stop.cache is not None
+                else "run the same command again to annotate them"
+            )
+            console.print(
+                f"[yellow]interrupted:[/yellow] {stop.done} of {stop.total} rows annotated; nothing written to "
+                f"{escape(out_file)} (rows are written at the end); {escape(kept)}"
+            )
+            raise typer.Exit(130) from None
     console.print(escape(report.summary()))
     console.print(f"  written: {out_file}")
     if report.failed:

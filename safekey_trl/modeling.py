@@ -10,6 +10,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
+from .offline import hub_name
 from .tiny import is_tiny_model_name, materialize_tiny
 
 FLASH_ATTENTION = "flash_attention_2"
@@ -60,20 +61,21 @@ def load_model_and_tokenizer(
 
         quantization_config = Mxfp4Config(dequantize=True)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        name,
-        revision=model_args.model_revision,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-        dtype=dtype,
-        quantization_config=quantization_config,
-        device_map=_quantized_device_map() if quantization_config is not None and not dequantize_mxfp4 else None,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        name,
-        revision=model_args.model_revision,
-        trust_remote_code=trust_remote_code,
-    )
+    with hub_name(name, "model"):  # a Hub name not in the cache, offline: one line saying so
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=model_args.model_revision,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            device_map=_quantized_device_map() if quantization_config is not None and not dequantize_mxfp4 else None,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            name,
+            revision=model_args.model_revision,
+            trust_remote_code=trust_remote_code,
+        )
     return model, tokenizer
 
 

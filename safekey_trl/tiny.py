@@ -344,4 +344,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model name or path; the tiny tokenizer for `tiny:*` names."""
     if is_tiny_model_name(name):
         return tiny_tokenizer(tiny_architecture(name))
-    return AutoTokenizer.from_pretrained(name)
+    from .offline import hub_name
+
+    with hub_name(name, "tokenizer"):
+        return AutoTokenizer.from_pretrained(name)

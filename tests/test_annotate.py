@@ -517,3 +517,68 @@ def test_cli_annotate_names_the_bad_row(tmp_path):
     result = runner.invoke(app, ["data", "annotate", str(source), str(tmp_path / "out.jsonl")])
     assert result.exit_code == 1
     assert f"{source}: row 1, field 'response': missing" in result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--concurrency", "0"], "error: --concurrency must be at least 1, got 0"),
+        (["--retries", "-1"], "error: --retries must be at least 0, got -1"),
+        (["--timeout", "0"], "error: --timeout must be a number of seconds > 0, got 0.0"),
+    ],
+)
+def test_cli_annotate_refuses_bad_options_by_name(tmp_path, options, message):
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, tagged_rows("good"))
+    result = runner.invoke(app, ["data", "annotate", str(source), str(tmp_path / "out.jsonl"), *options])
+    assert result.exit_code == 2 and result.output.strip() == message
+
+
+class HangsAfterThree(ChatCompletionsServer):
+    """Answers the first three requests, then never answers (until `release`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.answered = 0
+        self.hang = True
+
+    def respond(self, body: dict) -> tuple[float, int, bytes]:
+        self.answered += 1
+        return (60.0 if self.hang and self.answered > 3 else 0.0), 200, completion("2")
+
+
+def test_ctrl_c_during_llm_annotate_stops_at_once_and_the_rerun_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(source, tagged_rows(*["good"] * 8))
+    cli = str(Path(sys.executable).parent / "safekey-trl")
+    with HangsAfterThree() as server:
+        command = [cli, "data", "annotate", str(source), str(out), "--method", "llm", "--base_url", server.url]
+        command += ["--model", "m", "--concurrency", "1"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cache = tmp_path / "out.cache.jsonl"
+        deadline = time.monotonic() + 60
+        while not (cache.is_file() and len(cache.read_text().splitlines()) == 3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)  # the fourth request is in flight, and hangs
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("annotate kept running after Ctrl-C")
+        assert time.monotonic() - interrupted < 5
+        assert process.returncode == 130, output
+        assert f"interrupted: 3 of 8 rows annotated; nothing written to {out}" in output.replace("\n", "")
+        assert f"kept in {cache}: run the same command again to resume" in output.replace("\n", "")
+        assert not out.exists()
+        server.hang = False
+        sent = server.answered
+        result = runner.invoke(app, command[1:])
+        assert result.exit_code == 0, result.output
+        assert server.answered - sent == 5 and "from the cache: 3" in result.output

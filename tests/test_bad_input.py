@@ -412,3 +412,38 @@ def test_a_recipe_that_is_not_yaml_names_the_file_line_and_column(tmp_path, laun
         f"error: {recipe}: not valid YAML: line 3, column 10: expected ',' or ']', but got ':' (while parsing a flow "
         "sequence at line 2, column 16)"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "kind", "name"),
+    [
+        (["data", "validate", "someuser/some-dataset"], "dataset", "someuser/some-dataset"),
+        (
+            ["data", "validate", str(SAMPLE_DATA), "--tokenizer", "someorg/some-model"],
+            "tokenizer",
+            "someorg/some-model",
+        ),
+        (["train", "--recipe", "tiny", "--model_name_or_path", "someorg/some-model"], "model", "someorg/some-model"),
+    ],
+)
+def test_a_hub_name_not_in_the_cache_offline_says_so(tmp_path, monkeypatch, command, kind, name):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    if command[0] == "train":
+        command = [*command, "--output_dir", str(tmp_path / "out")]
+    result = runner.invoke(app, command)
+    assert_no_traceback(result)
+    assert result.exit_code == 2
+    assert f"error: {kind} '{name}': not a local path, and not in the local Hugging Face cache (" in one_line(result)
+    assert "and the machine is offline (HF_HUB_OFFLINE=1)" in one_line(result)
+
+
+def test_a_broken_template_file_is_named_with_the_jinja_error(tmp_path):
+    broken, unknown = tmp_path / "broken.jinja", tmp_path / "mine.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }\n{% endfor %}")
+    unknown.write_text("{{ messages[0].content }}")
+    result = runner.invoke(app, ["data", "validate", str(SAMPLE_DATA), "--template", str(broken)])
+    assert result.exit_code == 2
+    assert one_line(result) == f"error: --template {broken}: not a valid Jinja template: unexpected '}}' (line 1)"
+    result = runner.invoke(app, ["data", "validate", str(SAMPLE_DATA), "--template", str(unknown)])
+    assert result.exit_code == 2
+    assert one_line(result).startswith(f"error: --template {unknown}: The tokenizer's chat template is not one")

@@ -44,11 +44,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -659,17 +659,14 @@ def annotate_rows(
             return str(error)
 
     pending = [index for index in range(len(items)) if inputs[index] is not None]
-    if method == "llm" and len(pending) > 1:
-        with ThreadPoolExecutor(max_workers=max(1, settings.concurrency)) as pool:  # type: ignore[union-attr]
-            for done, (index, outcome) in enumerate(zip(pending, pool.map(solve, pending), strict=True), start=1):
-                outcomes[index] = outcome
-                if progress is not None:
-                    progress(done, len(pending))
-    else:
-        for done, index in enumerate(pending, start=1):
-            outcomes[index] = solve(index)
-            if progress is not None:
-                progress(done, len(pending))
+    workers = max(1, settings.concurrency) if method == "llm" and len(pending) > 1 else 1  # type: ignore[union-attr]
+    done: dict[int, Annotation | str] = {}
+    try:
+        _map_in_threads(solve, pending, workers, done, progress)
+    except KeyboardInterrupt:
+        raise AnnotationInterrupted(len(done), len(pending), cache.path if cache is not None else None) from None
+    for index, outcome in done.items():
+        outcomes[index] = outcome
 
     annotated: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
@@ -705,6 +702,67 @@ def annotate_rows(
     report.requests += sum(failed_requests)
     report.failed_requests += sum(failed_requests)
     return annotated, failed, report
+
+
+class AnnotationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `annotate_rows`: how many rows were done, and the cache that keeps the LLM's answers."""
+
+    def __init__(self, done: int, total: int, cache: Path | None):
+        self.done, self.total, self.cache = done, total, cache
+        super().__init__(f"interrupted after {done} of {total} rows")
+
+
+def _map_in_threads(
+    function: Callable[[int], Any],
+    items: list[int],
+    workers: int,
+    results: dict[int, Any],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """`results[item] = function(item)` for every item, on `workers` threads (here, for one).
+
+    The threads are daemons and the main thread only waits on a queue: a Ctrl-C returns at once, the rows not started
+    are dropped, and a request in flight either finishes (its answer reaches the cache) or ends with the process,
+    instead of holding the exit until every queued request has timed out.
+    """
+    if workers == 1:
+        for item in items:
+            results[item] = function(item)
+            if progress is not None:
+                progress(len(results), len(items))
+        return
+    tasks: queue.SimpleQueue[int] = queue.SimpleQueue()
+    finished: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
+    stop = threading.Event()
+    for item in items:
+        tasks.put(item)
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                item = tasks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put((item, function(item), None))
+            except BaseException as error:  # handed to the main thread, which raises it
+                finished.put((item, None, error))
+
+    for _ in range(min(workers, len(items))):
+        threading.Thread(target=work, daemon=True, name="safekey-annotate").start()
+    try:
+        while len(results) < len(items):
+            try:
+                item, result, error = finished.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if error is not None:
+                raise error
+            results[item] = result
+            if progress is not None:
+                progress(len(results), len(items))
+    finally:
+        stop.set()
 
 
 def _checked_annotation(row: dict[str, Any], annotation: Annotation, source: str, number: int) -> Annotation | str:

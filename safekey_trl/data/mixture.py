@@ -100,13 +100,16 @@ def read_dataset_rows(config: SafeKeyDatasetConfig) -> Iterator[tuple[str, int, 
     else:
         from datasets import load_dataset
 
-        dataset = load_dataset(
-            path=config.path,
-            name=config.name,
-            data_dir=config.data_dir,
-            data_files=config.data_files,
-            split=config.split,
-        )
+        from ..offline import hub_name
+
+        with hub_name(config.path, "dataset"):
+            dataset = load_dataset(
+                path=config.path,
+                name=config.name,
+                data_dir=config.data_dir,
+                data_files=config.data_files,
+                split=config.split,
+            )
         sources = iter([(dataset_label(config), enumerate(dataset, start=1))])
     for source, rows in sources:
         for number, row in rows:

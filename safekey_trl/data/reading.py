@@ -103,7 +103,11 @@ def _read_rows(path_or_name: str, split: str) -> Iterator[tuple[int, Any]]:
     else:
         from datasets import load_dataset
 
-        yield from enumerate(load_dataset(path_or_name, split=split), start=1)
+        from ..offline import hub_name
+
+        with hub_name(path_or_name, "dataset"):
+            dataset = load_dataset(path_or_name, split=split)
+        yield from enumerate(dataset, start=1)
 
 
 def load_examples(

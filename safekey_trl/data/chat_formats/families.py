@@ -176,7 +176,17 @@ def family_template(name: str) -> str:
         return known_templates()[next(iter(CHAT_FORMATS[name].templates))]
     path = Path(name)
     if path.suffix == ".jinja" and path.is_file():
-        return path.read_text(encoding="utf-8")
+        template = path.read_text(encoding="utf-8")
+        from jinja2 import TemplateSyntaxError
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        try:  # compiled as transformers compiles it, so that a broken file is named with Jinja's own error
+            _compile_jinja_template(template)
+        except TemplateSyntaxError as error:
+            raise ChatFormatError(
+                f"--template {name}: not a valid Jinja template: {error.message} (line {error.lineno})"
+            ) from None
+        return template
     raise ChatFormatError(f"--template {name!r}: neither a family ({', '.join(CHAT_FORMATS)}) nor a .jinja file.")
 
 
