@@ -536,6 +536,22 @@ def eval_command(
     Exits 1 when a rollout could not be judged or scored (run again to retry it)."""
     from pathlib import Path
 
+    # Options that cannot work are refused before anything loads, by name
+    _refuse_eval_options(
+        limit=limit,
+        sample=sample,
+        samples=samples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        prefill_tokens=prefill_tokens,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
+        judge_timeout=judge_timeout,
+        judge_retries=judge_retries,
+        judge_workers=judge_workers,
+        classifier_batch_size=classifier_batch_size,
+        threshold=threshold,
+    )
     from .evaluation import (
         JUDGED_PARTS,
         ClassifierJudge,
@@ -595,6 +611,12 @@ def eval_command(
             prompts += loaded
         if prefill is not None:
             prompts = with_prefill(prompts, prefill, prefill_tokens, prefill_on)
+        _check_generation_length(model, sampling, max_new_tokens is not None)
+        directory = Path(output_dir) if output_dir is not None else default_eval_dir(model)
+        path = out or directory / default_results_path(label).name
+        from .outputs import check_writable
+
+        check_writable(Path(path).parent, "--out")  # a read-only or full disk found now, not after generating
         tokenizer = load_eval_tokenizer(model)
         layout = turn_layout(tokenizer, chat_format)
         rubric = judge_rubric or (chosen.rubric if chosen is not None else "project")
@@ -616,7 +638,6 @@ def eval_command(
                 max_tokens=judge_max_tokens,
                 refusal_prompt=refusal,
             )
-        directory = Path(output_dir) if output_dir is not None else default_eval_dir(model)
         rendered = [(render_prompt(tokenizer, p, layout, prefill_separator), sampling[p.suite]) for p in prompts]
         engine = _engine_settings(backend, model, tokenizer, rendered, max_model_len, gpu_memory_utilization, judge)
         generator, tokenizer = make_generator(
@@ -631,7 +652,6 @@ def eval_command(
             replay=replay,
             **engine,
         )
-        path = out or directory / default_results_path(label).name
         recorded = {"preset": chosen.name if chosen is not None else None, "harm_threshold": threshold}
         rows = run_eval(
             prompts,
@@ -648,6 +668,21 @@ def eval_command(
         )
     except (FileNotFoundError, ValueError, PromptFileError, ImportError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt as stop:
+        _report_interrupted_eval(stop)
+    except OSError as error:
+        from .outputs import DiskFullError, NotWritableError, device_of, is_disk_full
+
+        if isinstance(error, (NotWritableError, DiskFullError)):  # found before generating
+            console.print(f"[red]error:[/red] {escape(error.strerror)}")
+            raise typer.Exit(2) from None
+        if not is_disk_full(error, Path(path)):
+            raise
+        console.print(
+            f"[red]error:[/red] no space left on {escape(device_of(path))} while writing {escape(str(path))}; kept: "
+            "the rows already written there; run the same command again once there is room (it resumes)"
+        )
         raise typer.Exit(2) from None
     summaries = summarize(rows, threshold)
     console.print(summary_table(summaries))
@@ -696,6 +731,63 @@ def _engine_settings(
         reserve = kv_cache_bytes(judge.model.config, judge.batch_size * (length + 512)) + (1 << 30)
         share = engine_memory_share(free, total, reserve, gpu_memory_utilization)
     return {"max_model_len": length, "gpu_memory_utilization": share}
+
+
+def _refuse_eval_options(**values: int | float | None) -> None:
+    """`eval`'s counts that cannot work (`--limit -1` would drop the last prompt, `--judge_workers 0` fail after
+    generating), refused by name before anything loads."""
+    least = {"sample": 0, "judge_retries": 0}
+    for name, value in values.items():
+        if value is None or name in ("judge_timeout", "threshold"):
+            continue
+        if value < least.get(name, 1):
+            console.print(f"[red]error:[/red] --{name} must be at least {least.get(name, 1)}, got {value}")
+            raise typer.Exit(2)
+    if not values.get("judge_timeout", 1) > 0:
+        console.print(
+            f"[red]error:[/red] --judge_timeout must be a number of seconds > 0, got {values['judge_timeout']}"
+        )
+        raise typer.Exit(2)
+    if not 1 <= values.get("threshold", 1) <= 5:
+        console.print(
+            f"[red]error:[/red] --threshold must be a harmfulness score from 1 to 5, got {values['threshold']}"
+        )
+        raise typer.Exit(2)
+
+
+def _check_generation_length(model: str, sampling: dict, given: bool) -> None:
+    """Refuse a generation length the model has no room for (`--max_new_tokens` not below its positions)."""
+    positions = _model_limit(model)
+    if positions is None:
+        return
+    for suite, settings in sampling.items():
+        if settings.max_new_tokens >= positions:
+            where = "--max_new_tokens" if given else f"the preset's max_new_tokens for {suite}"
+            raise ValueError(
+                f"{where} {settings.max_new_tokens} is not below {model}'s {positions} positions "
+                "(max_position_embeddings): the prompt and the generation must fit in them"
+            )
+
+
+def _report_interrupted_eval(stop: KeyboardInterrupt) -> None:
+    """Ctrl-C during `eval`: say what the results file holds and how to resume, then leave at once (the judge
+    requests still in flight are not waited for: each row is flushed as it is written, so nothing is lost)."""
+    import os
+    import sys
+
+    from .evaluation.runner import EvalInterrupted
+
+    if isinstance(stop, EvalInterrupted):
+        console.print(
+            f"[yellow]interrupted:[/yellow] {stop.path} holds {stop.judged} judged rollout(s) of {stop.total}, and "
+            f"{stop.unjudged} generated but not yet judged (kept: they are judged without generating again). Run the "
+            "same command again to resume."
+        )
+    else:
+        console.print("[yellow]interrupted[/yellow] before generation began; nothing was written")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _model_limit(model: str) -> int | None:

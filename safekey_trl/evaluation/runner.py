@@ -20,7 +20,7 @@ import logging
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,17 @@ from .suites import CAPABILITY, EvalPrompt
 logger = logging.getLogger(__name__)
 
 RowKey = tuple[str, str, int]
+# How long Ctrl-C waits for judge requests already in flight before saving their rollouts unjudged
+INTERRUPT_GRACE_SECONDS = 2.0
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_eval`: what the results file holds now (judged rollouts, and generated ones saved unjudged,
+    which the same command judges without generating them again)."""
+
+    def __init__(self, path: Path, judged: int, unjudged: int, total: int):
+        self.path, self.judged, self.unjudged, self.total = path, judged, unjudged, total
+        super().__init__(f"interrupted: {judged} of {total} rollouts judged")
 
 
 def row_key(row: dict[str, Any]) -> RowKey:
@@ -306,8 +317,11 @@ def run_eval(
     with Progress(*columns, disable=not progress, transient=False) as bar:
         generating = bar.add_task("generating", total=total_generate)
         judging = bar.add_task("judging", total=total_judge, visible=total_judge > 0)
-        with ThreadPoolExecutor(max_workers=judge.max_workers if judge is not None else 1) as pool:
-            futures = []
+        # Not a `with` block: on Ctrl-C the queue of judge requests is dropped at once rather than waited for
+        pool = ThreadPoolExecutor(max_workers=judge.max_workers if judge is not None else 1)
+        futures = []
+        submitted: list[tuple[Any, list[Item]]] = []
+        try:
 
             def dispatch(items: list[Item]) -> None:
                 """Score capability rollouts here; judge the others in the pool (or keep them unjudged)."""
@@ -325,6 +339,7 @@ def run_eval(
                         continue
                     future = pool.submit(finish, chunk)
                     futures.append(future)
+                    submitted.append((future, chunk))
                     future.add_done_callback(functools.partial(_advance, bar, judging, len(chunk)))
 
             # Judged again, a row keeps the settings it was generated with
@@ -341,6 +356,20 @@ def run_eval(
                     bar.advance(generating, len(batch))
             for future in futures:
                 future.result()  # a failure outside judging (a bad row, a full disk) surfaces here
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            # Requests already answering get a moment; what was generated but is still not judged is kept, unjudged:
+            # the same command judges it without generating again
+            wait([future for future, _ in submitted], timeout=INTERRUPT_GRACE_SECONDS)
+            unjudged = 0
+            for future, items in submitted:
+                if future.cancelled() or not future.done():
+                    for prompt, _, row in items:
+                        write(prompt, row, Verdict(error="interrupted before it was judged"))
+                        unjudged += 1
+            judged = sum(has_verdict(row) for row in results.rows.values())
+            raise EvalInterrupted(results.path, judged, unjudged, len(results.rows)) from None
+        pool.shutdown()
     keys = [(p.suite, p.id, s) for p in prompts for s in range(_sampling_for(sampling, p.suite).samples)]
     return [results.rows[key] for key in keys if key in results.rows]
 
