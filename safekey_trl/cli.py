@@ -862,7 +862,13 @@ def eval_probes(
     from .probes import probe_metrics
 
     head_dir = Path(head or model)
+    _refuse_eval_options(max_length=max_length, batch_size=batch_size)
     try:
+        positions = _model_limit(model)
+        if max_length is not None and positions is not None and max_length > positions:
+            raise ValueError(
+                f"--max_length {max_length} is more than {model}'s {positions} positions (max_position_embeddings)"
+            )
         language_model, tokenizer = load_eval_model(model, attn_implementation="eager", dtype="float32")
         dataset, _, _ = load_safekey_dataset(data, tokenizer, max_length, split=split)
         safety_head = None

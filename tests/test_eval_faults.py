@@ -139,3 +139,16 @@ def test_ctrl_c_during_eval_stops_at_once_keeping_what_was_generated(tmp_path, m
     judged = read_results(out)
     assert [row["score"] for row in judged] == [1, 1, 1, 1]
     assert [row["response"] for row in judged] == [row["response"] for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("max_length", "message"),
+    [
+        ("100000", "error: --max_length 100000 is more than {model}'s 16384 positions"),
+        ("0", "error: --max_length must be at least 1, got 0"),
+    ],
+)
+def test_eval_probes_refuses_a_max_length_beyond_the_models_positions(model_dir, monkeypatch, max_length, message):
+    monkeypatch.setattr("safekey_trl.evaluation.load_eval_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = runner.invoke(app, ["eval-probes", str(model_dir), "--data", "x.jsonl", "--max_length", max_length])
+    assert result.exit_code == 2 and result.output.replace("\n", "").startswith(message.format(model=model_dir))
