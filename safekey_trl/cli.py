@@ -312,6 +312,10 @@ def validate(
         bool, typer.Option(help="Report every invalid row instead of stopping at the first.")
     ] = True,
     recipe: RecipeOption = None,
+    num_proc: Annotated[
+        int,
+        typer.Option(help="Processes rendering and tokenizing the rows (each holds its own copy of the tokenizer)."),
+    ] = 1,
 ) -> None:
     """Check every row against the format and a tokenizer; report counts."""
     from .data import featurize
@@ -328,6 +332,8 @@ def validate(
             skip_invalid=skip_invalid,
             report=report,
             chat_format=counting.chat_format,
+            num_proc=num_proc,
+            status_only=True,  # counts and errors only: no token lists written to the cache
         )
     invalid_rows = {(error.source, error.row) for error in report.errors}
     valid = [example for example in examples if (example.source, example.row) not in invalid_rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 from conftest import SAMPLE_DATA, make_example
@@ -99,3 +100,21 @@ def test_features_are_cached_per_tokenizer_and_max_length(tokenizer, mixed_examp
     assert again.to_list() == first.to_list()
     shorter, _ = featurize(examples, tokenizer, 256)
     assert shorter.cache_files[0]["filename"] != cache_file
+
+
+@pytest.mark.parametrize("max_length", [None, 160, 40])
+def test_checking_without_features_counts_and_names_the_same(tokenizer, mixed_examples, max_length):
+    """`data validate` featurises with `status_only`: the same counts and errors, no token lists kept."""
+    from datasets import config
+
+    full_report, status_report = InvalidRowReport(), InvalidRowReport()
+    dataset, stats = featurize(mixed_examples, tokenizer, max_length, skip_invalid=True, report=full_report)
+    cache = Path(config.HF_DATASETS_CACHE) / "safekey_features"
+    before = set(cache.iterdir())
+    checked, checked_stats = featurize(
+        mixed_examples, tokenizer, max_length, skip_invalid=True, report=status_report, status_only=True
+    )
+    assert checked_stats == stats and [str(e) for e in status_report.errors] == [str(e) for e in full_report.errors]
+    assert checked.column_names == []
+    written = sum(path.stat().st_size for path in set(cache.iterdir()) - before)
+    assert 0 < written < os.path.getsize(dataset.cache_files[0]["filename"]) / 20

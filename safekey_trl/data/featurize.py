@@ -196,21 +196,26 @@ _STATUS_COLUMNS = ("error_field", "error_message", "has_response", "has_key")
 
 
 @functools.cache
-def _map_features() -> Features:
+def _map_features(status_only: bool = False) -> Features:
     """The column types of the `map` in `featurize`, fixed (`input_ids` as int32, as `datasets` infers them) so that
     a batch of error rows, with empty lists, cannot change them."""
     from datasets import Features, List, Value
 
+    status = {
+        "error_field": Value("string"),
+        "error_message": Value("string"),
+        "has_response": Value("bool"),
+        "has_key": Value("bool"),
+    }
+    if status_only:
+        return Features(status)
     return Features(
         {
             "input_ids": List(Value("int32")),
             **{name: List(Value("int64")) for name in ("labels", "key_mask", "query_mask", "understanding_span")},
             "prefix_end": Value("int64"),
             "unsafe": Value("int64"),
-            "error_field": Value("string"),
-            "error_message": Value("string"),
-            "has_response": Value("bool"),
-            "has_key": Value("bool"),
+            **status,
         }
     )
 
@@ -232,9 +237,11 @@ def _featurize_record(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None,
     chat_format: ResolvedFormat,
+    status_only: bool = False,
 ) -> dict:
     """The `map` function of `featurize`: one example's features, or the error it raised (in the status columns,
-    so that the main process raises or counts it in row order, whatever the number of processes)."""
+    so that the main process raises or counts it in row order, whatever the number of processes). `status_only`:
+    the status columns alone (checking data needs no token lists)."""
     example = SafeKeyExample(
         prompt_messages=[{"role": turn["role"], "content": turn["content"]} for turn in record["prompt_messages"]],
         response=record["response"],
@@ -248,26 +255,28 @@ def _featurize_record(
         feature = featurize_example(example, tokenizer, max_length, chat_format)
     except SafeKeyDataError as error:
         empty = {name: [] for name in ("input_ids", "labels", "key_mask", "query_mask", "understanding_span")}
-        return {
-            **empty,
-            "prefix_end": 0,
-            "unsafe": 0,
+        status = {
             "error_field": error.field_name,
             "error_message": error.message,
             "has_response": False,
             "has_key": False,
         }
-    return {
-        **feature,
+        return status if status_only else {**empty, "prefix_end": 0, "unsafe": 0, **status}
+    status = {
         "error_field": "",
         "error_message": "",
         "has_response": any(label != -100 for label in feature["labels"]),
         "has_key": any(feature["key_mask"]),
     }
+    return status if status_only else {**feature, **status}
 
 
 def _features_cache_file(
-    records: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, chat_format: ResolvedFormat
+    records: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    chat_format: ResolvedFormat,
+    status_only: bool = False,
 ) -> str:
     """Where the datasets cache keeps the features of these records: keyed by the records, the tokenizer (its
     vocabulary and chat template included), `max_length`, the chat format and the featurising code itself."""
@@ -276,7 +285,7 @@ def _features_cache_file(
 
     code = [_featurize_record, featurize_example, tokenize_example, tokenize_prompt_and_completion, render]
     code.append(render_turn)
-    key = Hasher.hash([records._fingerprint, *code, tokenizer, max_length, chat_format])
+    key = Hasher.hash([records._fingerprint, *code, tokenizer, max_length, chat_format, status_only])
     directory = Path(config.HF_DATASETS_CACHE) / "safekey_features"
     directory.mkdir(parents=True, exist_ok=True)
     return str(directory / f"features-{key}.arrow")
@@ -290,6 +299,7 @@ def featurize(
     report: InvalidRowReport | None = None,
     chat_format: str | ResolvedFormat = AUTO,
     num_proc: int | None = None,
+    status_only: bool = False,
 ) -> tuple[Dataset, FeaturizeStats]:
     """Featurize examples into a `datasets.Dataset` ready for [`SafeKeySFTTrainer`].
 
@@ -299,6 +309,8 @@ def featurize(
     train and are dropped; those whose K is cut train the LM term only, as do LM-only examples. These counts are
     logged and returned. A row whose U or K gets no token of its own under this tokenizer raises
     [`SafeKeyDataError`] (the first such row, in order), or is counted in `report` with `skip_invalid=True`.
+    `status_only` counts and checks the same without keeping the features (`data validate`: a large file's token
+    lists would take several times its size in the cache); the dataset returned then holds no feature columns.
     """
     from datasets import Dataset
 
@@ -311,11 +323,16 @@ def featurize(
     records = Dataset.from_list([_example_record(example) for example in examples])
     mapped = records.map(
         _featurize_record,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "chat_format": resolved},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_length": max_length,
+            "chat_format": resolved,
+            "status_only": status_only,
+        },
         remove_columns=records.column_names,
-        features=_map_features(),
+        features=_map_features(status_only),
         num_proc=num_proc if num_proc and num_proc > 1 and len(examples) > 1 else None,
-        cache_file_name=_features_cache_file(records, tokenizer, max_length, resolved),
+        cache_file_name=_features_cache_file(records, tokenizer, max_length, resolved, status_only),
         desc="Featurizing",
     )
     status = mapped.select_columns(list(_STATUS_COLUMNS)).to_dict()

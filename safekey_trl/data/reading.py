@@ -6,6 +6,7 @@ field. A row that cannot be read is yielded as a [`SafeKeyDataError`], for the c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -125,7 +126,7 @@ def load_examples(
     """
     examples: list[SafeKeyExample] = []
     report = InvalidRowReport()
-    first_seen: dict[str, int] = {}
+    first_seen: dict[bytes, int] = {}
     for number, row in read_rows(path_or_name, split):
         try:
             if isinstance(row, SafeKeyDataError):
@@ -138,16 +139,20 @@ def load_examples(
             continue
         examples.append(example)
         report.note(example)
-        # the same prompt, response, offsets and label again; kept (a repeat weights a row up), but counted
-        key = json.dumps(
-            [
-                example.prompt_messages,
-                example.response,
-                example.summary_end_idx,
-                example.next_sentence_end_idx,
-                example.unsafe,
-            ]
-        )
+        # the same prompt, response, offsets and label again; kept (a repeat weights a row up), but counted. A digest
+        # of the row, not the row: a copy of every row's text would double the memory a large file takes
+        key = hashlib.blake2b(
+            json.dumps(
+                [
+                    example.prompt_messages,
+                    example.response,
+                    example.summary_end_idx,
+                    example.next_sentence_end_idx,
+                    example.unsafe,
+                ]
+            ).encode("utf-8", "surrogatepass"),
+            digest_size=16,
+        ).digest()
         if key in first_seen:
             report.duplicates.append((number, first_seen[key]))
         else:
