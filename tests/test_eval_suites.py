@@ -179,7 +179,7 @@ def test_every_hub_suite_reads_its_real_columns(hub):
 
 
 def test_wildjailbreak_defaults_to_the_papers_seeded_subset(hub, monkeypatch):
-    monkeypatch.setattr(suites_module, "SUITES", {**SUITES, "wildjailbreak": _with(SUITES["wildjailbreak"], 5)})
+    monkeypatch.setitem(SUITES, "wildjailbreak", _with(SUITES["wildjailbreak"], 5))
     first = [p.id for p in load_suite("wildjailbreak")]
     assert first == [p.id for p in load_suite("wildjailbreak")] and len(first) == 5  # stable across runs
     # The same draw as `datasets` makes with `shuffle(seed=42).select(range(5))` on the adversarial-harmful rows

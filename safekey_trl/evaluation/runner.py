@@ -132,6 +132,8 @@ GENERATION_SETTINGS = (
     "repetition_penalty",
     "seed",
     "chat_format",
+    "chat_format_turn",
+    "chat_template_kwargs",
     "prompt_format",
     "prefill",
     "prefill_separator",
@@ -180,7 +182,7 @@ def run_eval(
     settings: dict[str, Any] | None = None,
     progress: bool = True,
     chat_format: str | TurnLayout = AUTO,
-    judge_part: str = "both",
+    judge_part: str | None = None,
     prefill_separator: str = PREFILL_SEPARATOR,
 ) -> list[dict[str, Any]]:
     """Generate and judge every rollout not already done in `results_path`, appending a row as each is judged.
@@ -191,7 +193,8 @@ def run_eval(
             compared on resuming.
         chat_format: The model family (see `chat_formats`; `auto` recognises the tokenizer's template), or its
             [`TurnLayout`]: how prompts and prefills are rendered and responses split.
-        judge_part: What the judge reads: `both` (trace and answer), `trace` or `answer`.
+        judge_part: What the judge reads: `both` (trace and answer), `trace` or `answer`; None: the judge's own
+            default (`both` for the LLM judges, `answer` for the guards).
         prefill_separator: Put between the family's trace opening and a forced prefill (the reference's space).
 
     Rollouts already holding a verdict are skipped; those that lack one (the judge failed, or there was no judge)
@@ -209,6 +212,13 @@ def run_eval(
     describe = getattr(generator, "describe", None)  # a generator of the user's may not say
     extra = {**(settings or {}), **(describe() if describe else {"backend": type(generator).__name__})}
     judge_name = judge.name if judge is not None else "none"
+    judge_part = judge_part or (judge.default_part if judge is not None else "both")
+    resolved = layout.resolved
+    template = {
+        "chat_format": layout.family,
+        "chat_format_turn": getattr(resolved.format, "assistant_turn", None) if layout.family == "declared" else None,
+        "chat_template_kwargs": dict(resolved.template_kwargs) or None,
+    }
 
     def needs_verdict(prompt: EvalPrompt) -> bool:
         return judge is not None or prompt.expect == CAPABILITY
@@ -230,7 +240,7 @@ def run_eval(
         rendered[prompt.key] = render_prompt(tokenizer, prompt, layout, prefill_separator)
         generation[prompt.key] = {
             **prompt_sampling.record(),
-            "chat_format": layout.family,
+            **template,
             "prompt_format": prompt.prompt_format,
             "prefill": rendered[prompt.key].prefill,
             "prefill_separator": prefill_separator if rendered[prompt.key].prefill else None,
@@ -281,6 +291,11 @@ def run_eval(
             "score": verdict.score,
             "refused": verdict.refused,
             "refusal_class": verdict.refusal_class,
+            "harmful": verdict.harmful,
+            "rubric_score": verdict.rubric_score,
+            "votes": verdict.votes,
+            "judge_details": verdict.details,
+            "judge_truncated": verdict.truncated,
             "judge_raw": verdict.raw,
             "error": verdict.error,
         }
