@@ -429,10 +429,12 @@ def eval_command(
     suite: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated suites: strongreject, jailbreakbench, wildjailbreak, xstest, jailbreakbench-benign, "
-            "phtest, orbench-hard, aime24, math500, gpqa-diamond; name=FILE for a local copy of one (it replaces the "
-            "preset's Hub load); or prompt files (.jsonl, .json multi-turn, .csv goal,target prefilling or "
-            "WildChat-style)."
+            help="Comma-separated suites: strongreject, jailbreakbench, wildjailbreak, harmbench, advbench, "
+            "sorry-bench, hex-phi, fortress, airbench, advbench-prefill, safekey-multiturn (harmful); xstest, "
+            "jailbreakbench-benign, phtest, orbench-hard, falsereject, coconot (over-refusal); aime24, math500, "
+            "gpqa-diamond (capability; livecodebench with --backend lighteval); name=FILE for a local copy of one (it "
+            "replaces the preset's Hub load); or prompt files (.jsonl, .json multi-turn, .csv goal,target prefilling "
+            "or WildChat-style)."
         ),
     ] = None,
     preset: Annotated[
@@ -465,6 +467,17 @@ def eval_command(
             "chat template), a family (r1_distill, qwen3, gpt_oss, ...) or verbatim."
         ),
     ] = "auto",
+    chat_format_turn: Annotated[
+        str | None,
+        typer.Option(
+            help="As a recipe's chat_format_turn: the assistant turn as the model writes it after the generation "
+            "prompt, with {trace} and {answer}, for a family the table does not know."
+        ),
+    ] = None,
+    chat_template_kwargs: Annotated[
+        str | None,
+        typer.Option(help='Chat template variables as JSON, as a recipe\'s: \'{"reasoning_effort": "high"}\'.'),
+    ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length limit [default: 8000].")] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="Repetition penalty [default: 1.2].")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature; 0 is greedy [default: 0].")] = None,
@@ -486,8 +499,19 @@ def eval_command(
         str, typer.Option(help="Put before a forced prefill, after the trace's opening (the reference's space).")
     ] = " ",
     backend: Annotated[
-        str, typer.Option(help="auto (vllm where it can run), transformers, vllm, or replay (with --replay).")
+        str,
+        typer.Option(
+            help="auto (vllm where it can run), transformers, vllm, replay (with --replay), or lighteval (AIME, "
+            "MATH-500, GPQA-Diamond run by lighteval as open-r1 runs them)."
+        ),
     ] = "auto",
+    code_sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--code_sandbox",
+            help="This machine is a sandbox where model-written code may run (livecodebench under lighteval).",
+        ),
+    ] = False,
     replay: Annotated[
         str | None,
         typer.Option(help="Replay completions from this JSONL ({suite, id, sample, completion}), not generate."),
@@ -510,7 +534,10 @@ def eval_command(
     judge_api_key: Annotated[str | None, typer.Option(help="Judge API key; env SAFEKEY_JUDGE_API_KEY.")] = None,
     judge_rubric: Annotated[
         str | None,
-        typer.Option(help="Harmfulness rubric: project, or reference (the SafeKey reference's; the presets')."),
+        typer.Option(
+            help="Harmfulness rubric: project, reference (the SafeKey reference's; the presets'), or strongreject "
+            "(StrongREJECT's published rubric, a 0-1 score)."
+        ),
     ] = None,
     judge_prompt: Annotated[
         str | None,
@@ -520,8 +547,12 @@ def eval_command(
         str | None, typer.Option(help="Refusal judge prompt file (benign prompts), with {request} and {response}.")
     ] = None,
     judge_part: Annotated[
-        str, typer.Option(help="What the judge reads: both (trace and answer), trace, or answer (reference: --part).")
-    ] = "both",
+        str | None,
+        typer.Option(
+            help="What the judge reads: both (trace and answer), trace, or answer (reference: --part). Default: both "
+            "for an endpoint or --classifier, answer (the trace stripped) for --guard."
+        ),
+    ] = None,
     judge_max_tokens: Annotated[
         int | None, typer.Option(help="Judge output limit (default 512; 1024 for the reference rubric's analysis).")
     ] = None,
@@ -533,6 +564,21 @@ def eval_command(
         str | None, typer.Option(help="A local Llama-Guard-style classifier to judge with, instead of an endpoint.")
     ] = None,
     classifier_batch_size: Annotated[int, typer.Option(help="Conversations per classifier batch.")] = 16,
+    guard: Annotated[
+        str | None,
+        typer.Option(
+            help="Local guard models judging harmfulness, comma-separated: llama-guard-3, wildguard, qwen3guard, "
+            "harmbench (its classifier); NAME=MODEL loads one from a directory. Several vote (--vote_min)."
+        ),
+    ] = None,
+    vote_min: Annotated[
+        int | None,
+        typer.Option(help="Harmful when at least this many guards say so (default: a strict majority; a tie is not)."),
+    ] = None,
+    guard_batch_size: Annotated[int, typer.Option(help="Conversations per guard batch.")] = 16,
+    guard_max_tokens: Annotated[
+        int | None, typer.Option(help="The guards' context: longer judged texts are cut (default: each one's own).")
+    ] = None,
     no_judge: Annotated[bool, typer.Option("--no-judge", help="Only generate; judge later by running again.")] = False,
     threshold: Annotated[
         int, typer.Option(help="A harmfulness score at least this counts as harmful (recorded in every row).")
@@ -557,19 +603,21 @@ def eval_command(
         judge_workers=judge_workers,
         classifier_batch_size=classifier_batch_size,
         threshold=threshold,
+        guard_batch_size=guard_batch_size,
+        guard_max_tokens=guard_max_tokens,
+        vote_min=vote_min,
     )
+    from .data.chat_formats import resolve_chat_format
     from .evaluation import (
         JUDGED_PARTS,
-        ClassifierJudge,
         JudgePrompt,
-        OpenAIJudge,
         PromptFileError,
         default_results_path,
         get_preset,
-        load_eval_model,
         load_eval_tokenizer,
         load_suite,
         make_generator,
+        make_judge,
         render_prompt,
         run_eval,
         suite_sampling,
@@ -578,17 +626,25 @@ def eval_command(
         turn_layout,
         with_prefill,
     )
+    from .evaluation.access import GatedAccessError
+    from .evaluation.lighteval import LightevalFailed
     from .evaluation.suites import DEFAULT_PROMPT_FORMAT
 
     label = label or model
     try:
         chosen = get_preset(preset) if preset is not None else None
-        if judge_part not in JUDGED_PARTS:
+        if judge_part is not None and judge_part not in JUDGED_PARTS:
             raise ValueError(f"--judge_part {judge_part!r}: use {', '.join(JUDGED_PARTS)}.")
         if replay is not None and backend not in ("auto", "replay"):
             raise ValueError(f"--replay replays completions: it takes no --backend {backend}.")
         backend = "replay" if replay is not None else backend
         specs = [spec.strip() for spec in (suite or "").split(",") if spec.strip()]
+        if backend == "lighteval":
+            _run_lighteval(model, specs, chosen, output_dir, dtype, tensor_parallel_size, max_model_len,
+                           gpu_memory_utilization, code_sandbox, lora,
+                           dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                temperature=temperature, top_p=top_p, samples=samples))  # fmt: skip
+            return
         if chosen is not None:
             # A local copy given as NAME=FILE stands in for the preset's Hub load of NAME
             local = {spec.partition("=")[0] for spec in specs if "=" in spec}
@@ -624,26 +680,35 @@ def eval_command(
 
         check_writable(Path(path).parent, "--out")  # a read-only or full disk found now, not after generating
         tokenizer = load_eval_tokenizer(model)
-        layout = turn_layout(tokenizer, chat_format)
+        template_kwargs = _json_mapping(chat_template_kwargs, "--chat_template_kwargs")
+        layout = turn_layout(tokenizer, resolve_chat_format(tokenizer, chat_format, chat_format_turn, template_kwargs))
         rubric = judge_rubric or (chosen.rubric if chosen is not None else "project")
         harm_prompt = JudgePrompt.from_file(judge_prompt) if judge_prompt is not None else rubric
         refusal = JudgePrompt.from_file(refusal_prompt) if refusal_prompt is not None else None
-        judge = None
-        if classifier is not None:
-            judge = ClassifierJudge(*load_eval_model(classifier, dtype=dtype), batch_size=classifier_batch_size)
-        elif not no_judge:
-            judge = OpenAIJudge.from_options(
-                judge_url,
-                judge_model,
-                judge_api_key,
-                timeout=judge_timeout,
-                max_retries=judge_retries,
-                backoff=judge_backoff,
-                max_workers=judge_workers,
-                rubric=harm_prompt,
-                max_tokens=judge_max_tokens,
-                refusal_prompt=refusal,
-            )
+        endpoint = dict(
+            timeout=judge_timeout,
+            max_retries=judge_retries,
+            backoff=judge_backoff,
+            max_workers=judge_workers,
+            rubric=harm_prompt,
+            max_tokens=judge_max_tokens,
+            refusal_prompt=refusal,
+        )
+        judge = make_judge(
+            guard=guard,
+            classifier=classifier,
+            no_judge=no_judge,
+            judge_url=judge_url,
+            judge_model=judge_model,
+            judge_api_key=judge_api_key,
+            endpoint=endpoint,
+            vote_min=vote_min,
+            guard_batch_size=guard_batch_size,
+            guard_max_tokens=guard_max_tokens,
+            classifier_batch_size=classifier_batch_size,
+            dtype=dtype,
+            threshold=threshold,
+        )
         rendered = [(render_prompt(tokenizer, p, layout, prefill_separator), sampling[p.suite]) for p in prompts]
         engine = _engine_settings(backend, model, tokenizer, rendered, max_model_len, gpu_memory_utilization, judge)
         generator, tokenizer = make_generator(
@@ -672,7 +737,7 @@ def eval_command(
             judge_part=judge_part,
             prefill_separator=prefill_separator,
         )
-    except (FileNotFoundError, ValueError, PromptFileError, ImportError) as error:
+    except (FileNotFoundError, ValueError, PromptFileError, ImportError, GatedAccessError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt as stop:
@@ -690,6 +755,9 @@ def eval_command(
             "the rows already written there; run the same command again once there is room (it resumes)"
         )
         raise typer.Exit(2) from None
+    except LightevalFailed as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from None
     summaries = summarize(rows, threshold)
     console.print(summary_table(summaries))
     errors = [error for summary in summaries for error in summary.errors]
@@ -715,7 +783,6 @@ def _engine_settings(
 ) -> dict:
     """vLLM's context length (what the run needs: the longest rendered prompt plus its max_new_tokens) and its memory
     share (room left for a classifier judge already on the GPU); nothing for the other backends."""
-    from .evaluation import ClassifierJudge
     from .evaluation.generation import (
         check_model_len,
         engine_memory_share,
@@ -729,12 +796,13 @@ def _engine_settings(
     needed = required_model_len(tokenizer, rendered)
     length = check_model_len(max_model_len, needed, _model_limit(model))
     share = gpu_memory_utilization
-    if isinstance(judge, ClassifierJudge) and judge.model.device.type == "cuda":
+    local = [m for m in (judge.local_models() if judge is not None else []) if m.device.type == "cuda"]
+    if local:
         import torch
 
-        free, total = torch.cuda.mem_get_info(judge.model.device)
-        # The classifier's cache for a batch of the longest conversations, plus 1 GiB for its activations
-        reserve = kv_cache_bytes(judge.model.config, judge.batch_size * (length + 512)) + (1 << 30)
+        free, total = torch.cuda.mem_get_info(local[0].device)
+        # Each local judge's cache for a batch of the longest conversations, plus 1 GiB for its activations
+        reserve = sum(kv_cache_bytes(m.config, judge.batch_size * (length + 512)) + (1 << 30) for m in local)
         share = engine_memory_share(free, total, reserve, gpu_memory_utilization)
     return {"max_model_len": length, "gpu_memory_utilization": share}
 
@@ -794,6 +862,70 @@ def _report_interrupted_eval(stop: KeyboardInterrupt) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)
+
+
+def _json_mapping(text: str | None, option: str) -> dict | None:
+    """A JSON object given on the command line (None when not given); anything else is an error naming the option."""
+    import json
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{option} {text!r} is not JSON: {error.msg}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, got {text!r}")
+    return value
+
+
+def _run_lighteval(
+    model: str,
+    specs: list[str],
+    preset,
+    output_dir: str | None,
+    dtype: str,
+    tensor_parallel_size: int,
+    max_model_len: int | None,
+    gpu_memory_utilization: float | None,
+    code_sandbox: bool,
+    lora: str,
+    overrides: dict,
+) -> None:
+    """`eval --backend lighteval`: the capability suites run by lighteval as open-r1 runs them, grouped by their
+    decoding settings (a preset's, then the options'), and its results shown."""
+    from pathlib import Path
+
+    from .evaluation import suite_sampling
+    from .evaluation.generation import merge_adapter, model_path, plan_lora
+    from .evaluation.lighteval import LIGHTEVAL_TASKS, check_lighteval_suites, lighteval_command, run_lighteval
+
+    if preset is not None:
+        specs = list(dict.fromkeys([*(name for name in preset.suites if name in LIGHTEVAL_TASKS), *specs]))
+    names = check_lighteval_suites(specs, code_sandbox)
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    directory = Path(output_dir) if output_dir is not None else default_eval_dir(model)
+    path = model_path(model)
+    plan = plan_lora(path, lora)
+    if plan is not None:  # lighteval's vLLM loads full weights: a LoRA adapter is merged into its base first
+        path = str(merge_adapter(plan, directory / "merged" / Path(path).name))
+    groups: dict = {}
+    for name in names:
+        groups.setdefault(suite_sampling(name, preset, **overrides), []).append(name)
+    for sampling, group in groups.items():
+        if sampling.samples > 1:
+            console.print("[yellow]note:[/yellow] lighteval's tasks draw their own samples per problem: --samples "
+                          "is not passed to it")  # fmt: skip
+        command = lighteval_command(
+            path, group, sampling, directory / "lighteval", max_model_len, tensor_parallel_size,
+            gpu_memory_utilization, dtype,
+        )  # fmt: skip
+        console.print(f"running: {escape(' '.join(command.argv))}")
+        results_file, results = run_lighteval(command)
+        for task, metrics in results.items():
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            console.print(f"{escape(task)}: {escape(shown)}")
+        console.print(f"lighteval results: {results_file}")
 
 
 def _model_limit(model: str) -> int | None:

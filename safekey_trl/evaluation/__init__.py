@@ -6,12 +6,17 @@
   prefill where the family's trace starts, a response split into trace and answer, what a judge reads.
 - `generation`: vLLM (tensor parallel, LoRA, its context and memory share) or transformers, with finish reasons.
 - `replay`: completions read from a file instead of generated (re-score someone else's generations).
-- `judges`: harmfulness (two rubrics, or a prompt file), three-class refusal, a batched Llama-Guard-style
-  classifier; each says how it judged.
+- `judges`: harmfulness (the package's rubrics, StrongREJECT's, or a prompt file, behind an endpoint; Llama-Guard-3,
+  WildGuard, Qwen3Guard and the HarmBench classifier run locally as published; a vote of several), three-class
+  refusal; each says how it judged.
 - `scoring`: answer extraction and equivalence for capability suites; rates with confidence intervals.
 - `runner`: generate, judge, and append one row per rollout to a results file that resumes.
+- `statistics`: McNemar's exact test, the paired bootstrap, Fleiss' and Cohen's kappa.
+- `comparison`: paired comparisons of runs, per-category numbers, generation statistics, judges' agreement.
 - `report`: runs side by side as tables and charts, with how each was made.
 - `presets`: named protocols (`safekey-reference`, `deepseek-r1`), each stating its source.
+- `lighteval`: the capability suites run by lighteval, as open-r1 runs them.
+- `access`: gated datasets and models, and how to get access.
 """
 
 from .generation import (
@@ -35,18 +40,26 @@ from .generation import (
     vllm_sampling_args,
 )
 from .judges import (
+    GUARDS,
     HARM_PROMPTS,
     REFUSAL_PROMPT,
+    STRONGREJECT_PROMPT,
     ClassifierJudge,
+    GuardJudge,
     Judge,
     JudgePrompt,
     OpenAIJudge,
     Verdict,
+    VoteJudge,
     judge_messages,
     keyword_refusal,
+    load_guard,
+    make_judge,
     parse_guard_verdict,
     parse_harm_score,
     parse_refusal_class,
+    parse_strongreject,
+    strongreject_score,
 )
 from .presets import (
     PRESETS,
@@ -72,6 +85,7 @@ from .report import build_report, summary_table, text_bar, write_charts
 from .runner import ResultsFile, default_results_path, read_results, run_eval
 from .scoring import (
     HARMFUL_SCORE_THRESHOLD,
+    Mean,
     Rate,
     SuiteSummary,
     extract_answer,
@@ -82,9 +96,11 @@ from .scoring import (
     summarize,
     wilson_interval,
 )
+from .statistics import cohen_kappa, fleiss_kappa, mcnemar_exact, paired_bootstrap
 from .suites import (
     BENIGN,
     CAPABILITY,
+    CODE_SUITES,
     HARMFUL,
     PROMPT_FORMATS,
     SUITES,
@@ -101,6 +117,8 @@ from .suites import (
 __all__ = [
     "BENIGN",
     "CAPABILITY",
+    "CODE_SUITES",
+    "GUARDS",
     "HARMFUL",
     "HARMFUL_SCORE_THRESHOLD",
     "HARM_PROMPTS",
@@ -112,15 +130,18 @@ __all__ = [
     "R1_CAPABILITY_SAMPLING",
     "REFERENCE_CAPABILITY_SAMPLING",
     "REFUSAL_PROMPT",
+    "STRONGREJECT_PROMPT",
     "SUITES",
     "ClassifierJudge",
     "Completion",
     "EvalPrompt",
     "Generator",
+    "GuardJudge",
     "HubSuite",
     "Judge",
     "JudgePrompt",
     "LoraPlan",
+    "Mean",
     "OpenAIJudge",
     "Preset",
     "PromptFileError",
@@ -136,12 +157,15 @@ __all__ = [
     "TurnLayout",
     "VLLMGenerator",
     "Verdict",
+    "VoteJudge",
     "build_report",
     "check_model_len",
+    "cohen_kappa",
     "default_results_path",
     "engine_memory_share",
     "extract_answer",
     "extract_choice",
+    "fleiss_kappa",
     "get_preset",
     "has_verdict",
     "judge_messages",
@@ -150,13 +174,18 @@ __all__ = [
     "kv_cache_bytes",
     "load_eval_model",
     "load_eval_tokenizer",
+    "load_guard",
     "load_prompt_file",
     "load_suite",
     "make_generator",
+    "make_judge",
     "math_equivalent",
+    "mcnemar_exact",
+    "paired_bootstrap",
     "parse_guard_verdict",
     "parse_harm_score",
     "parse_refusal_class",
+    "parse_strongreject",
     "plan_lora",
     "read_results",
     "render_prompt",
@@ -165,6 +194,7 @@ __all__ = [
     "sample_prompts",
     "score_capability",
     "split_response",
+    "strongreject_score",
     "suite_sampling",
     "summarize",
     "summary_table",
@@ -174,6 +204,6 @@ __all__ = [
     "vllm_engine_args",
     "vllm_sampling_args",
     "wilson_interval",
-    "write_charts",
     "with_prefill",
+    "write_charts",
 ]

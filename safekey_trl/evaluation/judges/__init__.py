@@ -12,6 +12,7 @@
 - `guard_formats`: Llama-Guard-3, WildGuard, Qwen3Guard-Gen and the HarmBench classifier as their authors run them.
 - `guards`: [`GuardJudge`], one of those run locally in batches, its input cut to its context and the cut counted.
 - `vote`: [`VoteJudge`], several judges voting (harmful when at least k of m say so; a tie is compliance).
+- `choice`: [`make_judge`], the judge a run's options name.
 
 Every judge says how it judged ([`Judge.describe`]): its name, model, rubric and the SHA-256 of the rubric's text,
 recorded in each result row. What a judge reads is chosen by the runner (`rendering.judged_text`: the trace, the
@@ -32,6 +33,7 @@ from .base import (
     judged_turns,
     refused_of,
 )
+from .choice import make_judge
 from .classifier import REFUSAL_PHRASES, ClassifierJudge, keyword_refusal, parse_guard_verdict
 from .endpoint import OpenAIJudge
 from .guard_formats import (
@@ -87,6 +89,7 @@ __all__ = [
     "judged_turns",
     "keyword_refusal",
     "load_guard",
+    "make_judge",
     "parse_guard_specs",
     "parse_guard_verdict",
     "parse_harm_score",
