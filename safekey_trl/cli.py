@@ -953,16 +953,21 @@ def eval_report(
     charts: Annotated[
         str | None, typer.Option(help="Also write PNG bar charts to this directory (needs matplotlib).")
     ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Resamples of the paired bootstrap comparing runs.")] = 10000,
+    seed: Annotated[int, typer.Option(help="Seed of the paired bootstrap.")] = 0,
 ) -> None:
-    """Compare runs side by side (base vs SafeKey): tables per kind of suite, bar charts, how each run was made (with
-    warnings where runs differ), and the sources."""
+    """Compare runs side by side (base vs SafeKey): tables per kind of suite, bar charts, paired tests of each run
+    against the first (McNemar's exact test, a seeded paired bootstrap), each suite's categories, how generation
+    ended, the judges' agreement, how each run was made (with warnings where runs differ), and the sources."""
     from pathlib import Path
 
     from .evaluation import build_report, summarize, summary_table
     from .evaluation.report import load_runs, setting_warnings
 
     try:
-        report = build_report(results, threshold, charts)
+        if bootstrap < 1:
+            raise ValueError(f"--bootstrap {bootstrap}: give a positive number of resamples.")
+        report = build_report(results, threshold, charts, bootstrap, seed)
         runs = load_runs(results)
         rows = [row for _, _, run_rows in runs for row in run_rows]
     except (FileNotFoundError, ValueError, KeyError, ImportError) as error:

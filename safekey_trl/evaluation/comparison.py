@@ -79,12 +79,27 @@ def compare(
     resamples: int = 10000,
     seed: int = 0,
 ) -> list[PairedResult]:
-    """Every measure two runs share on a suite, on the prompts both judged (see the module docstring)."""
+    """Every measure two runs share on a suite, on the prompts both judged (see the module docstring); a suite that
+    mixes kinds of prompts (a local file) is compared kind by kind."""
     base = [row for row in base_rows if row["suite"] == suite]
     other = [row for row in other_rows if row["suite"] == suite]
-    if not base or not other:
-        return []
-    kind = base[0].get("expect") or "harmful"
+    results = []
+    for kind in dict.fromkeys(row.get("expect") or "harmful" for row in base):
+        of_kind = [row for row in base if (row.get("expect") or "harmful") == kind]
+        others = [row for row in other if (row.get("expect") or "harmful") == kind]
+        results += _compare_kind(of_kind, others, suite, kind, threshold, resamples, seed)
+    return results
+
+
+def _compare_kind(
+    base: list[dict[str, Any]],
+    other: list[dict[str, Any]],
+    suite: str,
+    kind: str,
+    threshold: int | None,
+    resamples: int,
+    seed: int,
+) -> list[PairedResult]:
     measures = [(OUTCOMES.get(kind, "harmful"), lambda row: outcome(row, threshold), True)]
     if kind == "harmful":
         for name in ("1–5 score", "StrongREJECT score"):
@@ -102,17 +117,16 @@ def compare(
             only_base = sum(a[p][0] == 1 and b[p][0] == 0 for p in paired)
             only_other = sum(a[p][0] == 0 and b[p][0] == 1 for p in paired)
             p_value = mcnemar_exact(only_base, only_other)
+            discordant = (only_base, only_other)
             results.append(
-                PairedResult(
-                    suite, measure, len(paired), mean_a, mean_b, "McNemar exact", p_value, (only_base, only_other)
-                )  # fmt: skip
+                PairedResult(suite, measure, len(paired), mean_a, mean_b, "McNemar exact", p_value, discordant)
             )
         else:
             boot = paired_bootstrap(means_b, means_a, resamples, seed)
             results.append(
                 PairedResult(
                     suite, measure, len(paired), mean_a, mean_b, "paired bootstrap", boot.p_value, bootstrap=boot
-                )  # fmt: skip
+                )
             )
     return results
 
