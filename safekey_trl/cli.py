@@ -640,10 +640,33 @@ def eval_command(
         backend = "replay" if replay is not None else backend
         specs = [spec.strip() for spec in (suite or "").split(",") if spec.strip()]
         if backend == "lighteval":
-            _run_lighteval(model, specs, chosen, output_dir, dtype, tensor_parallel_size, max_model_len,
-                           gpu_memory_utilization, code_sandbox, lora,
-                           dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                                temperature=temperature, top_p=top_p, samples=samples))  # fmt: skip
+            # What lighteval does not take would be left out without a word: refused instead
+            given = {
+                "--limit": limit,
+                "--sample": sample,
+                "--prefill": prefill,
+                "--chat_format_turn": chat_format_turn,
+                "--chat_template_kwargs": chat_template_kwargs,
+            }
+            unused = [name for name, value in given.items() if value is not None]
+            if unused:
+                raise ValueError(
+                    f"--backend lighteval runs whole tasks with the model's template: it takes no {', '.join(unused)}."
+                )
+            decoding = dict(
+                max_new_tokens=max_new_tokens,
+                repetition_penalty=repetition_penalty,
+                temperature=temperature,
+                top_p=top_p,
+                samples=samples,
+            )
+            engine = dict(
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+            )
+            _run_lighteval(model, specs, chosen, output_dir, code_sandbox, lora, decoding, engine)
             return
         if chosen is not None:
             # A local copy given as NAME=FILE stands in for the preset's Hub load of NAME
@@ -884,13 +907,10 @@ def _run_lighteval(
     specs: list[str],
     preset,
     output_dir: str | None,
-    dtype: str,
-    tensor_parallel_size: int,
-    max_model_len: int | None,
-    gpu_memory_utilization: float | None,
     code_sandbox: bool,
     lora: str,
     overrides: dict,
+    engine: dict,
 ) -> None:
     """`eval --backend lighteval`: the capability suites run by lighteval as open-r1 runs them, grouped by their
     decoding settings (a preset's, then the options'), and its results shown."""
@@ -908,18 +928,16 @@ def _run_lighteval(
     path = model_path(model)
     plan = plan_lora(path, lora)
     if plan is not None:  # lighteval's vLLM loads full weights: a LoRA adapter is merged into its base first
-        path = str(merge_adapter(plan, directory / "merged" / Path(path).name))
+        dtype = "bfloat16" if engine["dtype"] == "auto" else engine["dtype"]
+        path = str(merge_adapter(plan, directory / "merged" / Path(path).name, dtype))
     groups: dict = {}
     for name in names:
         groups.setdefault(suite_sampling(name, preset, **overrides), []).append(name)
     for sampling, group in groups.items():
         if sampling.samples > 1:
-            console.print("[yellow]note:[/yellow] lighteval's tasks draw their own samples per problem: --samples "
-                          "is not passed to it")  # fmt: skip
-        command = lighteval_command(
-            path, group, sampling, directory / "lighteval", max_model_len, tensor_parallel_size,
-            gpu_memory_utilization, dtype,
-        )  # fmt: skip
+            note = "lighteval's tasks draw their own samples per problem: --samples is not passed to it"
+            console.print(f"[yellow]note:[/yellow] {note}")
+        command = lighteval_command(path, group, sampling, directory / "lighteval", **engine)
         console.print(f"running: {escape(' '.join(command.argv))}")
         results_file, results = run_lighteval(command)
         for task, metrics in results.items():

@@ -292,6 +292,8 @@ def test_lighteval_runs_open_r1s_command(tmp_path, fake_lighteval):
     )
     result = runner.invoke(app, [*base, "--suite", "xstest"])
     assert result.exit_code == 2 and "not one of them" in result.output
+    result = runner.invoke(app, [*base, "--suite", "aime24", "--limit", "5"])
+    assert result.exit_code == 2 and "it takes no --limit" in result.output
 
 
 def test_lighteval_missing_says_how_to_install_it(tmp_path, monkeypatch):

@@ -233,6 +233,11 @@ def test_a_guard_cuts_the_response_to_its_context_and_says_so(make_model, tokeni
     tight = guard("wildguard", wild.model, tokenizer, max_input_tokens=400)
     [verdict] = tight.judge_batch([(harmful("word " * 200), "ok")])
     assert verdict.error and "does not fit" in verdict.error and verdict.truncated
+    # A conversation the guard's template refuses (Llama-Guard's roles must alternate): no verdict, said so
+    llama = guard("llama-guard-3", wild.model, tokenizer)
+    turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    [verdict] = llama.judge_batch([(EvalPrompt("s", "1", turns), "ok")])
+    assert "llama-guard-3 cannot read this conversation" in verdict.error and "alternate" in verdict.error
 
 
 def test_guards_run_in_batches_on_a_tiny_model(make_model, tokenizer):

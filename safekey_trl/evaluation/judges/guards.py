@@ -27,6 +27,10 @@ from .classifier import REFUSAL_PHRASES, keyword_refusal
 from .guard_formats import GUARDS, GuardFormat, GuardInput, GuardReading
 
 
+class TooLong(ValueError):
+    """A conversation whose request alone does not fit a guard's context."""
+
+
 def guard_input(prompt: EvalPrompt, response: str) -> GuardInput:
     """What a guard reads of a prompt and the judged part of its response. HarmBench's behavior is the prompt's
     objective, else its request with a contextual behavior's context (`{context}\\n\\n---\\n\\n`) taken off."""
@@ -119,7 +123,7 @@ class GuardJudge(Judge):
         """The guard's input text for one rollout, and whether the response had to be cut to fit.
 
         Raises:
-            ValueError: the request alone does not fit the guard's context.
+            TooLong: the request alone does not fit the guard's context.
         """
         truncated = False
         if self.guard.response_limit is not None:
@@ -133,7 +137,7 @@ class GuardJudge(Judge):
         length = self._length(text)
         while length > budget:
             if keep == 0:
-                raise ValueError(
+                raise TooLong(
                     f"the request alone ({length} tokens) does not fit {self.guard.name}'s context of {self.context} "
                     f"tokens less the {self.guard.max_new_tokens} it writes"
                 )
@@ -200,8 +204,11 @@ class GuardJudge(Judge):
                 continue
             try:
                 text, truncated = self.prepare(prompt, response)
-            except ValueError as error:
+            except TooLong as error:
                 verdicts[index] = Verdict(error=str(error), truncated=True)
+                continue
+            except Exception as error:  # a conversation its template refuses (roles that do not alternate, ...)
+                verdicts[index] = Verdict(error=f"{self.guard.name} cannot read this conversation: {error}")
                 continue
             pending.append((index, text, truncated))
         for start in range(0, len(pending), self.batch_size):
