@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..suites import BENIGN, EvalPrompt
@@ -131,7 +132,14 @@ class VoteJudge(Judge):
         harmful = [i for i, (prompt, _) in enumerate(items) if prompt.expect != BENIGN]
         benign = [i for i, (prompt, _) in enumerate(items) if prompt.expect == BENIGN]
         if benign:
-            for i, verdict in zip(benign, self.refusal.judge_batch([items[i] for i in benign]), strict=True):
+            chosen = [items[i] for i in benign]
+            if self.refusal.batch_size == 1 and self.refusal.max_workers > 1:
+                # An endpoint judges one prompt a request: several in flight, as the runner would send them
+                with ThreadPoolExecutor(self.refusal.max_workers) as pool:
+                    found = list(pool.map(lambda item: self.refusal.judge(*item), chosen))
+            else:
+                found = self.refusal.judge_batch(chosen)
+            for i, verdict in zip(benign, found, strict=True):
                 verdicts[i] = verdict
         if harmful:
             chosen = [items[i] for i in harmful]
