@@ -131,7 +131,8 @@ SUITES: dict[str, HubSuite | FileSuite] = {
         where=("data_type", "adversarial_harmful"),
         sample=250,
         seed=42,
-        # The dataset card loads its TSV files with these (pandas would read "NA" or an empty field as missing)
+        # The dataset card's own call loads its TSV files with these (pandas would read "NA" or an empty field as
+        # missing): as public code copying the card calls it; the card itself could not be read where this was written
         load_kwargs=(("delimiter", "\t"), ("keep_default_na", False)),
         access="accept AI2's terms (a form) on https://huggingface.co/datasets/allenai/wildjailbreak",
     ),
@@ -253,7 +254,9 @@ SUITES: dict[str, HubSuite | FileSuite] = {
         source="AIR-Bench 2024, every 5th prompt of its test split as the SafeKey reference's parse_airbench takes "
         "them (list(data)[::5])",
     ),
-    # Over-refusal: FalseReject's human-annotated test split, CoCoNot's contrast set (requests to comply with)
+    # Over-refusal: FalseReject's human-annotated test split, CoCoNot's contrast set (requests to comply with).
+    # FalseReject's test split has a `prompt` column; the name of its category column could not be read where this
+    # was written (its train split's is `category_text`): either is read when present, else no category.
     "falsereject": HubSuite(
         "AmazonScience/FalseReject",
         "test",
