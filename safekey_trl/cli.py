@@ -631,6 +631,7 @@ def eval_command(
     from .evaluation.suites import DEFAULT_PROMPT_FORMAT
 
     label = label or model
+    path = None  # the results file, once known (a disk that fills is reported against it)
     try:
         chosen = get_preset(preset) if preset is not None else None
         if judge_part is not None and judge_part not in JUDGED_PARTS:
@@ -771,7 +772,7 @@ def eval_command(
         if isinstance(error, (NotWritableError, DiskFullError)):  # found before generating
             console.print(f"[red]error:[/red] {escape(error.strerror)}")
             raise typer.Exit(2) from None
-        if not is_disk_full(error, Path(path)):
+        if path is None or not is_disk_full(error, Path(path)):
             raise
         console.print(
             f"[red]error:[/red] no space left on {escape(device_of(path))} while writing {escape(str(path))}; kept: "
