@@ -11,6 +11,9 @@ NUM_PROCESSES ?=
 # The CPU build of PyTorch (it lies on these machines' disk). An unpinned `torch` would pull a multi-GB CUDA build;
 # on a GPU machine, install the CUDA build you need first, e.g. `make install TORCH_SPEC=torch==2.13.0`.
 TORCH_SPEC ?= torch==2.13.0
+# DeepSpeed, which the distributed tests run on CPU: source on PyPI, built against the installed PyTorch (no build
+# isolation); the version the tests run, or with WHEELHOUSE the one built there
+DEEPSPEED_SPEC ?= $(if $(strip $(WHEELHOUSE)),deepspeed,deepspeed==0.19.8)
 EXTRAS ?= dev,eval
 # Offline (an air-gapped GPU machine): `make install WHEELHOUSE=wheelhouse` installs from that folder (or those
 # folders) alone, with no index; `make wheelhouse` fills it on a connected machine, for WHEEL_PYTHON and
@@ -37,6 +40,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet setuptools wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 

@@ -46,8 +46,9 @@ def export(
         out_dir: Where to write; created if missing. A folder that holds files is refused unless `overwrite`, and
             even then a file the export would write over is refused unless an earlier export wrote it (its
             `_safekey_export.json` lists them); files of another kind are left alone.
-        merge: For a LoRA run, merge the adapter into the base weights (loaded unquantized in `dtype`) instead of
-            exporting the adapter alone. A full fine-tune has nothing to merge.
+        merge: For a LoRA run, merge the adapter into the base weights in `dtype` instead of exporting the adapter
+            alone; a QLoRA adapter into the base's dequantized 4-bit weights, which it was trained on (see
+            [`merged_model`]). A full fine-tune has nothing to merge.
         dtype: The dtype of the merged weights.
         push_to_hub: A Hub repository id (`user/name`) to upload the export to; created if missing.
         private: Create that repository private (no effect on an existing one).
@@ -109,12 +110,7 @@ def _write_export(
     run: Path, out: Path, head_file: Path, is_adapter: bool, merge: bool, dtype: str, push_to_hub: str | None
 ) -> None:
     if is_adapter and merge:
-        from peft import PeftConfig, PeftModel
-
-        base_name = PeftConfig.from_pretrained(str(run)).base_model_name_or_path
-        base = AutoModelForCausalLM.from_pretrained(base_name, dtype=getattr(torch, dtype))
-        merged = PeftModel.from_pretrained(base, str(run)).merge_and_unload()
-        merged.save_pretrained(str(out))
+        merged_model(run, getattr(torch, dtype)).save_pretrained(str(out))
     else:
         patterns = ADAPTER_FILES if is_adapter else MODEL_FILE_PATTERNS
         for pattern in patterns:
@@ -167,6 +163,29 @@ def _move_export(staging: Path, out: Path, previous: list[str]) -> list[str]:
     temporary.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     temporary.replace(out / EXPORT_MANIFEST)
     return names
+
+
+def merged_model(run: Path, dtype: torch.dtype):
+    """A LoRA run's adapter merged into its base, in `dtype`.
+
+    An adapter trained on a 4-bit base (QLoRA) learnt its update on top of the dequantized 4-bit weights: it is merged
+    into those (the base loaded with the run's quantization config, then dequantized), so that the merged model
+    computes what the trained one did. Merged into the unquantized base instead, the quantization error would remain.
+    """
+    from peft import PeftConfig, PeftModel
+
+    base_name = PeftConfig.from_pretrained(str(run)).base_model_name_or_path
+    saved = load_safekey_settings(run) or {}
+    quantization = (saved.get("run") or {}).get("base_quantization")
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        quantization_config = BitsAndBytesConfig.from_dict(dict(quantization))
+        base = AutoModelForCausalLM.from_pretrained(base_name, quantization_config=quantization_config, dtype=dtype)
+        base = base.dequantize(dtype=dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(run)).merge_and_unload()
 
 
 def check_safetensors_files(directory: str | Path) -> None:

@@ -12,6 +12,12 @@ def span_mask(starts: torch.Tensor, ends: torch.Tensor, length: int) -> torch.Te
     return (positions >= starts.unsqueeze(1)) & (positions < ends.unsqueeze(1))
 
 
+def query_masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_QMM summed over K's tokens, from the query-masked pass's logits at the positions that predict them (K tokens,
+    vocab), and how many of them are the top-1 prediction."""
+    return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(dim=-1) == targets).sum()
+
+
 def safety_head_loss(
     understanding_logits: torch.Tensor, prefix_logits: torch.Tensor, unsafe: torch.Tensor, theta: float
 ) -> torch.Tensor:

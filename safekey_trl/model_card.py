@@ -32,6 +32,9 @@ class RunFacts:
     lm_only: int | None = None  # examples without K (plain SFT data, or K cut by max_length)
     training: dict[str, Any] = field(default_factory=dict)  # epochs, learning rate, max_length, ...
     final: dict[str, float] = field(default_factory=dict)  # the last logged value of each term
+    # How the base was quantized in training (a `BitsAndBytesConfig` as a dict; None: not quantized): `export --merge`
+    # merges the adapter into those weights, dequantized
+    base_quantization: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -49,8 +49,12 @@ def load_model_and_tokenizer(
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
     name = model_args.model_name_or_path
     if is_tiny_model_name(name):
-        # Saved once and loaded like any other model, so that 4-bit loading and adapter export work on it too
-        name = str(materialize_tiny(name))
+        # Saved once and loaded like any other model, so that 4-bit loading and adapter export work on it too. The
+        # main process writes it first while the others wait (TRL's rule for caches), then they all load it
+        from trl.trainer.utils import global_then_local_main_first
+
+        with global_then_local_main_first():
+            name = str(materialize_tiny(name))
     quantization_config = get_quantization_config(model_args)
     if dequantize_mxfp4:
         if quantization_config is not None:

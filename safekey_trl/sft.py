@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import set_seed
 from trl import ModelConfig, TrlParser
+from trl.trainer.utils import global_then_local_main_first
 
 from .config import SafeKeyConfig, SafeKeyScriptArguments
 from .data import FeaturizeStats, featurize, load_safekey_dataset
@@ -172,7 +173,8 @@ def load_mixture_dataset(script_args: SafeKeyScriptArguments, tokenizer, trainin
 def train(
     script_args: SafeKeyScriptArguments, training_args: SafeKeyConfig, model_args: ModelConfig
 ) -> SafeKeySFTTrainer:
-    """Run a SafeKey training and save the final model; returns the trainer.
+    """Run a SafeKey training, save the final model and end the run (trackers finished, the process group
+    destroyed); returns the trainer.
 
     Before anything loads: the trackers and the data are there, the checkpoint to resume is whole, and `output_dir`
     can be written and is held for this run (see `run_lock`: a live run there, or a finished one not resumed, is
@@ -187,7 +189,10 @@ def train(
     if checkpoint is not None:
         check_safetensors_files(checkpoint)
     with output_dir_guard(output_dir, checkpoint is not None, training_args.overwrite_output_dir):
-        return _train(script_args, training_args, model_args, checkpoint)
+        trainer = _train(script_args, training_args, model_args, checkpoint)
+    # Finish the trackers and destroy the process group: nothing after this may need the other processes
+    trainer.end()
+    return trainer
 
 
 def _train(
@@ -196,6 +201,9 @@ def _train(
     model_args: ModelConfig,
     checkpoint: Path | None,
 ) -> SafeKeySFTTrainer:
+    if not training_args.should_log:
+        # The main process logs at INFO; the others at `log_level_replica` (warning), as TRL's scripts do
+        logging.getLogger("safekey_trl").setLevel(training_args.get_process_log_level())
     set_seed(training_args.seed)
     model, tokenizer = load_model_and_tokenizer(
         model_args, trust_remote_code=training_args.trust_remote_code, dequantize_mxfp4=script_args.dequantize_mxfp4
@@ -228,13 +236,15 @@ def _train(
         log_counts(name, stats, report.count)
         return dataset
 
-    if script_args.datasets:
-        train_dataset, eval_dataset = load_mixture_dataset(script_args, tokenizer, training_args, log_counts)
-    else:
-        train_dataset = load(script_args.dataset_name, script_args.dataset_train_split)
-        eval_dataset = None
-    if script_args.eval_dataset_name:
-        eval_dataset = load(script_args.eval_dataset_name, "test")
+    # Featurised once: the main process fills the datasets cache, then the others read it (TRL's rule)
+    with global_then_local_main_first():
+        if script_args.datasets:
+            train_dataset, eval_dataset = load_mixture_dataset(script_args, tokenizer, training_args, log_counts)
+        else:
+            train_dataset = load(script_args.dataset_name, script_args.dataset_train_split)
+            eval_dataset = None
+        if script_args.eval_dataset_name:
+            eval_dataset = load(script_args.eval_dataset_name, "test")
     peft_config = lora_config(model_args)
     train_added_tokens(peft_config, added_tokens)
     trainer = SafeKeySFTTrainer(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
 TINY_PREFIX = "tiny:"
 # Each tiny architecture, with the model family whose tokenizer (special tokens and chat template) it gets
@@ -284,11 +284,15 @@ def build_tiny_model(
     seed: int = 0,
     attn_implementation: str = "sdpa",
 ) -> torch.nn.Module:
-    """A randomly initialised causal LM with the [`tiny_config`], seeded."""
+    """A randomly initialised causal LM with the [`tiny_config`], seeded: whole, even inside a ZeRO-3 run."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     config = tiny_config(tokenizer, architecture, hidden_size, num_layers)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    # Built by its class (the same weights as `AutoModelForCausalLM.from_config`): under a ZeRO-3 run's DeepSpeed
+    # config, `from_config` would partition it as it is built, leaving this process `[0]`-shaped weights
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
 
 
 def tiny_tokenizer(architecture: str = "qwen2") -> PreTrainedTokenizerBase:
@@ -309,7 +313,9 @@ def materialize_tiny(name: str, cache_dir: str | Path | None = None, seed: int =
     Loading through `from_pretrained` is what 4-bit quantization needs, and a LoRA adapter trained on it records that
     directory as its base model, so `safekey-trl export --merge` can find it again. The directory name carries a hash
     of the tokenizer and config: the same build is reused (the model is only built when the directory is missing), a
-    changed one gets a new directory.
+    changed one gets a new directory. The directory appears whole or not at all (written beside it, then renamed),
+    so processes that materialise at once never load a half-written one; call it on one process first
+    (`load_model_and_tokenizer` does), and the others find the directory ready.
     """
     import hashlib
 
@@ -323,9 +329,13 @@ def materialize_tiny(name: str, cache_dir: str | Path | None = None, seed: int =
     root = Path(cache_dir or os.environ.get("SAFEKEY_TRL_CACHE") or Path.home() / ".cache" / "safekey-trl")
     directory = root / f"tiny-{architecture}-{digest}"
     if not (directory / "config.json").is_file():
+        model = build_tiny_model(tokenizer, architecture, seed=seed)
+        empty = [name for name, parameter in model.named_parameters() if parameter.numel() == 0]
+        if empty:  # a partitioned model would poison the cache for every later run
+            raise RuntimeError(f"The tiny model was built partitioned ({empty[:3]} are empty); not caching it.")
         # Written aside and renamed, so that a full disk or a kill never leaves a half-written model to be reused
         staging = directory.with_name(f"{directory.name}.incomplete-{os.getpid()}")
-        build_tiny_model(tokenizer, architecture, seed=seed).save_pretrained(staging)
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
             os.replace(staging, directory)

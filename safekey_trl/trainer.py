@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -12,9 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType, str_to_bool
 from datasets import Dataset, IterableDataset
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
@@ -23,16 +26,10 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from .config import SafeKeyConfig, refuse_sequence_sharding
 from .data import SAFEKEY_FEATURES, SafeKeyExample, featurize
 from .finite import CHECKED, LOSS_TERMS, NonFiniteLossError, describe, loss_flags
-from .heads import (
-    HEAD_ATTRIBUTE,
-    HEAD_WEIGHTS_NAME,
-    DualPathSafetyHead,
-    attach_safety_head,
-    save_head_state,
-    split_head_state,
-)
+from .forward import attach_safekey_forward
+from .heads import HEAD_ATTRIBUTE, HEAD_WEIGHTS_NAME, DualPathSafetyHead, save_head_state, split_head_state
 from .lm_head import add_tiled_lm_head, supports_tiled_lm_head
-from .losses import auxiliary_active, safety_head_loss, safety_head_predictions, span_mask
+from .losses import auxiliary_active, query_masked_loss, safety_head_loss, safety_head_predictions, span_mask
 from .model_card import RunFacts, final_terms, render_model_card
 from .modeling import apply_tokenizer_settings
 from .outputs import disk_full_error, is_disk_full, move_into
@@ -50,6 +47,65 @@ from .run_lock import STAGING_DIR, output_dir_guard
 from .tracking import route_safekey_terms
 
 logger = logging.getLogger(__name__)
+
+# Written beside an FSDP checkpoint's optimizer state: the parameters whose state there is a placeholder
+OPTIMIZER_PLACEHOLDERS_NAME = "safekey_optimizer_placeholders.json"
+
+
+def query_masked_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, key_mask: torch.Tensor, rows: torch.Tensor
+) -> dict[str, Any]:
+    """The query-masked pass's model inputs (`model_inputs`) and the K tokens it predicts (`targets`).
+
+    Only the `rows` given (those with K in range), only up to their last K token, with `attention_mask` (the query
+    mask, which hides the query), and only the positions that predict a K token projected through the LM head (a
+    boolean `logits_to_keep`): the pass costs what K needs, on every device.
+    """
+    key_mask = key_mask[rows]
+    positions = torch.arange(key_mask.shape[1], device=key_mask.device)
+    end = int((positions * key_mask).max()) + 1
+    key_mask = key_mask[:, :end]
+    input_ids = input_ids[rows, :end]
+    # Position p predicts token p + 1: project only the positions just before a K token, row by row
+    predicts_key = torch.zeros_like(key_mask, dtype=torch.bool)
+    predicts_key[:, :-1] = key_mask[:, 1:].bool()
+    return {
+        "model_inputs": {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask[rows, :end],
+            "logits_to_keep": predicts_key,
+        },
+        "targets": input_ids[:, 1:][predicts_key[:, :-1]],
+    }
+
+
+def kept_logits(logits: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The query-masked pass's logits in float32, (K tokens, vocab): an error if the model ignored `logits_to_keep`."""
+    if logits.shape[:-1] != targets.shape:
+        raise RuntimeError(
+            f"{type(model).__name__} ignored the boolean `logits_to_keep` mask of the query-masked pass (logits "
+            f"{tuple(logits.shape)} for {targets.numel()} K tokens); SafeKey needs a transformers causal LM that "
+            "supports it."
+        )
+    return logits.float()
+
+
+def _zero_step(optimizer: torch.optim.Optimizer, parameters: set[nn.Parameter]) -> None:
+    """Give `parameters` the optimizer state that a step of zero gradients at learning rate 0 makes, changing no
+    weight and no other parameter's state (torch.distributed.checkpoint's own way to initialise optimizer state)."""
+    grads = {parameter: parameter.grad for group in optimizer.param_groups for parameter in group["params"]}
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    try:
+        for group in optimizer.param_groups:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
+            for parameter in group["params"]:
+                parameter.grad = torch.zeros_like(parameter) if parameter in parameters else None
+        optimizer.step()
+    finally:
+        for group, learning_rate in zip(optimizer.param_groups, learning_rates, strict=True):
+            group["lr"] = learning_rate
+        for parameter, grad in grads.items():
+            parameter.grad = grad
 
 
 class SafeKeyDataCollator(DataCollatorForLanguageModeling):
@@ -147,12 +203,19 @@ class SafeKeySFTTrainer(SFTTrainer):
                     "soft-capping or MoE router losses): use 'auto' or 'trl'."
                 )
             add_tiled_lm_head(causal_lm, always=args.lm_head_kernel == "tiled")
+        self._check_distributed_setup()
         if safety_head is None:
             safety_head = DualPathSafetyHead(causal_lm.config.get_text_config().hidden_size)
+        if self.is_deepspeed_enabled:
+            # DeepSpeed holds every parameter in one dtype (ZeRO-3 flattens them into one buffer, and leaves a model
+            # partitioned at load as it is) and keeps their float32 master weights in its optimizer: the head joins
+            # the model's dtype, computes in float32 all the same, and its file is written from the master weights
+            safety_head = safety_head.to(dtype=next(causal_lm.parameters()).dtype)
         # The head is a submodule of the model, run inside its forward, so that DDP, DeepSpeed and FSDP shard, sync
         # and optimise it like the rest; `_save` writes it to its own file and keeps it out of the exported model.
-        self._head_outputs: dict[str, Any] = {}
-        attach_safety_head(causal_lm, safety_head.to(self.args.device), self._head_outputs)
+        self._safekey_outputs: dict[str, Any] = {}
+        attach_safekey_forward(causal_lm, safety_head.to(self.args.device), self._safekey_outputs)
+        self._head_state_to_save: dict[str, torch.Tensor] | None = None
         self._auxiliary_normalizers: torch.Tensor | None = None
         self._term_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         # Trackers show the SafeKey terms in their own panel (`safekey/qmm_loss`, ...)
@@ -174,6 +237,42 @@ class SafeKeySFTTrainer(SFTTrainer):
         self.skipped_steps = 0
         # While a checkpoint is written: the folder it is written in, renamed to `checkpoint-N` once whole
         self._checkpoint_staging: str | None = None
+
+    def _check_distributed_setup(self) -> None:
+        """Stop, with every reason at once, a run that would not train as asked: an FSDP config that accelerate did
+        not set up as FSDP (it runs one as plain data parallel on CPU), FSDP1, or reentrant gradient checkpointing
+        under DDP or DeepSpeed."""
+        state = self.accelerator.state
+        problems = []
+        if str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")) and not self.is_fsdp_enabled:
+            got = "one process" if state.distributed_type == DistributedType.NO else "plain data parallel (DDP)"
+            problems.append(
+                f"the accelerate config asks for FSDP, but accelerate set up {state.distributed_type.value}: {got} "
+                f"on {self.accelerator.device.type}, every process holding the whole model (accelerate promotes an "
+                "FSDP config only on GPUs and other accelerators). Run it there, or use a config that runs here "
+                "(ddp, zero2, zero3)."
+            )
+        if self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
+            problems.append(
+                "FSDP1 (fsdp_version: 1) is not supported: use FSDP2 (fsdp_version: 2, as in "
+                "recipes/accelerate/fsdp.yaml)."
+            )
+        ddp = state.distributed_type.name.startswith("MULTI_") and self.accelerator.num_processes > 1
+        checkpointing = self.args.activation_checkpointing_kwargs or {}
+        if (
+            (ddp or self.is_deepspeed_enabled)
+            and self.args.activation_checkpointing
+            and checkpointing.get("use_reentrant", False)
+        ):
+            problems.append(
+                f"{'DeepSpeed' if self.is_deepspeed_enabled else 'DDP'} cannot train SafeKey with reentrant gradient "
+                "checkpointing (use_reentrant: true): the query-masked pass runs the layers a second time before "
+                "one backward, and reentrant checkpointing then reduces their gradients twice. Set "
+                'activation_checkpointing_kwargs (gradient_checkpointing_kwargs) to {"use_reentrant": false}, the '
+                "default, or train with FSDP2."
+            )
+        if problems:
+            raise ValueError("This run cannot train as configured:\n- " + "\n- ".join(problems))
 
     @staticmethod
     def _featurize_if_needed(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: SafeKeyConfig) -> Any:
@@ -239,18 +338,27 @@ class SafeKeySFTTrainer(SFTTrainer):
         safekey = {name: inputs.pop(name) for name in SAFEKEY_FEATURES if name in inputs}
         if len(safekey) != len(SAFEKEY_FEATURES):
             raise ValueError(f"The batch lacks SafeKey features: expected {SAFEKEY_FEATURES}, got {sorted(safekey)}.")
-        active = self._auxiliary_active()
         key_mask = safekey["key_mask"]
         has_key = key_mask.any(dim=1)
-        # The head runs inside the model's forward (see `attach_safety_head`), on the examples whose K fits
-        run_head = active and self.args.head_weight > 0 and bool(has_key.any())
-        if run_head:
-            inputs["safekey_head_inputs"] = self._head_inputs(safekey, has_key, inputs["input_ids"].shape[1])
-        self._head_outputs.clear()
+        # Every process runs the same passes: ZeRO-3 and FSDP gather each layer's weights as its forward runs, so a
+        # pass that one process skips leaves the processes' collectives out of step (an error over gloo, a hang
+        # under NCCL). A process whose micro-batch has no K (LM-only rows, K cut by max_length) while another's has
+        # runs both passes on a stand-in token, weighted zero.
+        active = self._auxiliary_active() and self._any_process_has_key(has_key)
+        stand_in = active and not bool(has_key.any())
+        # The head and the query-masked pass run inside the model's forward (see `attach_safekey_forward`)
+        qmm_inputs = None
+        if active and self.args.head_weight > 0:
+            inputs["safekey_head_inputs"] = self._head_inputs(safekey, has_key, inputs["input_ids"].shape[1], stand_in)
+        if active and self.args.qmm_weight > 0:
+            qmm_inputs = self._qmm_inputs(inputs, safekey, has_key, stand_in)
+            inputs["safekey_qmm_inputs"] = qmm_inputs["model_inputs"]
+        self._safekey_outputs.clear()
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             inputs.pop("safekey_head_inputs", None)
+            inputs.pop("safekey_qmm_inputs", None)
         lm_loss = result[0] if return_outputs else result
 
         # The LM term is normalised by the global token count, scaled up by the number of processes (TRL's
@@ -259,44 +367,65 @@ class SafeKeySFTTrainer(SFTTrainer):
         process_scale = 1
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             process_scale = self.accelerator.num_processes // self.get_tp_size()
-        self._log_lm_loss(lm_loss, inputs["labels"], num_items_in_batch, process_scale, mode)
-
-        if not active:
-            if mode == "train":
-                self._note_step(lm_loss, None, None, lm_loss)
-            return result
-        key_tokens, key_examples = (
-            self._auxiliary_normalizers if global_normalization else (key_mask.sum(), has_key.sum())
-        )
-        qmm_sum, num_key_tokens, num_key_correct = self._query_masked_pass(model, inputs, safekey, has_key)
-        head_sum, num_head_correct = self._safety_head_loss(self._head_outputs.get("logits"), safekey, has_key)
+        zero = torch.zeros((), device=key_mask.device)
+        qmm_sum = head_sum = None
+        num_key_tokens = num_key_correct = num_head_correct = zero
         loss = lm_loss
-        if qmm_sum is not None:
-            loss = loss + self.args.qmm_weight * qmm_sum / key_tokens.clamp(min=1) * process_scale
-        if head_sum is not None:
-            loss = loss + self.args.head_weight * head_sum / key_examples.clamp(min=1) * process_scale
-
+        if active:
+            key_tokens, key_examples = (
+                self._auxiliary_normalizers if global_normalization else (key_mask.sum(), has_key.sum())
+            )
+            if qmm_inputs is not None:
+                qmm_sum, num_key_tokens, num_key_correct = self._query_masked_loss(
+                    self._safekey_outputs["qmm_logits"], qmm_inputs["targets"], stand_in
+                )
+                loss = loss + self.args.qmm_weight * qmm_sum / key_tokens.clamp(min=1) * process_scale
+            head_sum, num_head_correct = self._safety_head_loss(
+                self._safekey_outputs.get("head_logits"), safekey, has_key, stand_in
+            )
+            if head_sum is not None:
+                loss = loss + self.args.head_weight * head_sum / key_examples.clamp(min=1) * process_scale
+        # TRL returns sum / num_items_in_batch · process_scale; log the per-token mean over the micro-batches instead
+        local_tokens = (inputs["labels"][:, 1:] != -100).sum()
+        if num_items_in_batch is None:
+            lm_sum = lm_loss.detach() * local_tokens.clamp(min=1)
+        else:
+            lm_sum = lm_loss.detach() / process_scale * torch.as_tensor(num_items_in_batch, device=lm_loss.device)
         metrics = torch.stack(
             [
-                qmm_sum.detach() if qmm_sum is not None else torch.zeros((), device=key_mask.device),
-                num_key_tokens.to(torch.float32),
-                num_key_correct.to(torch.float32),
-                head_sum.detach() if head_sum is not None else torch.zeros((), device=key_mask.device),
-                num_head_correct.to(torch.float32),
-                # The examples the head ran on: none when `head_weight` is 0
-                has_key.sum().to(torch.float32) if head_sum is not None else torch.zeros((), device=key_mask.device),
+                lm_sum.float(),
+                local_tokens.float(),
+                qmm_sum.detach().float() if qmm_sum is not None else zero,
+                num_key_tokens.float(),
+                num_key_correct.float(),
+                head_sum.detach().float() if head_sum is not None else zero,
+                num_head_correct.float(),
+                # The examples the head ran on: none when `head_weight` is 0, or for a stand-in
+                has_key.sum().float() if head_sum is not None else zero,
             ]
-        ).float()
-        qmm_total, key_total, key_correct, head_total, head_correct, examples = (
-            self.accelerator.gather_for_metrics(metrics.unsqueeze(0)).view(-1, 6).sum(dim=0).tolist()
         )
+        # One collective a micro-batch, with every process's row: `gather_for_metrics` would drop rows at the end of
+        # a dataloader, taking them for samples repeated to even out the last batch (those did train, and count)
+        lm_total, token_total, qmm_total, key_total, key_correct, head_total, head_correct, examples = (
+            self.accelerator.gather(metrics.unsqueeze(0)).view(-1, len(metrics)).sum(dim=0).tolist()
+        )
+        self._accumulate_term(mode, "lm_loss", lm_total, token_total)
         self._accumulate_term(mode, "qmm_loss", qmm_total, key_total)
         self._accumulate_term(mode, "qmm_key_accuracy", key_correct, key_total)
         self._accumulate_term(mode, "head_loss", head_total, examples)
         self._accumulate_term(mode, "head_accuracy", head_correct, examples)
         if mode == "train":
             self._note_step(lm_loss, qmm_sum, head_sum, loss)
+        if not active:
+            return result
         return (loss, result[1]) if return_outputs else loss
+
+    def _any_process_has_key(self, has_key: torch.Tensor) -> bool:
+        """Whether the micro-batch of any process holds an example with K (one small collective when distributed)."""
+        local = bool(has_key.any())
+        if self.accelerator.num_processes == 1:
+            return local
+        return bool(self.accelerator.gather(torch.tensor([local], device=has_key.device)).any())
 
     def _accumulate_term(self, mode: str, name: str, total: float, count: float) -> None:
         # Sums and counts over the logging window, so that a logged term is its mean over every token or example
@@ -403,23 +532,35 @@ class SafeKeySFTTrainer(SFTTrainer):
             "`--non_finite_loss skip` skips such steps instead.",
         )
 
-    def _log_lm_loss(
+    def _qmm_inputs(
         self,
-        lm_loss: torch.Tensor,
-        labels: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int | None,
-        process_scale: int,
-        mode: str,
-    ) -> None:
-        # TRL returns sum / num_items_in_batch · process_scale; log the per-token mean over this micro-batch instead.
-        local_tokens = (labels[:, 1:] != -100).sum()
-        if num_items_in_batch is None:
-            lm_sum = lm_loss.detach() * local_tokens.clamp(min=1)
-        else:
-            lm_sum = lm_loss.detach() / process_scale * torch.as_tensor(num_items_in_batch, device=lm_loss.device)
-        totals = torch.stack([lm_sum.float(), local_tokens.float()]).unsqueeze(0)
-        lm_total, token_total = self.accelerator.gather_for_metrics(totals).view(-1, 2).sum(dim=0).tolist()
-        self._accumulate_term(mode, "lm_loss", lm_total, token_total)
+        inputs: dict[str, torch.Tensor],
+        safekey: dict[str, torch.Tensor],
+        has_key: torch.Tensor,
+        stand_in: bool = False,
+    ) -> dict[str, Any]:
+        """The query-masked pass's inputs for this micro-batch (see [`query_masked_inputs`]); with `stand_in` (no K
+        here, some on another process): the first row's first two tokens, predicting the second, with the plain
+        attention mask (the query mask could hide every token of it)."""
+        if stand_in:
+            rows = torch.zeros_like(has_key)
+            rows[0] = True
+            key_mask = torch.zeros_like(safekey["key_mask"])
+            key_mask[0, 1] = 1
+            return query_masked_inputs(inputs["input_ids"], inputs["attention_mask"], key_mask, rows)
+        attention = safekey["query_mask"] if self.args.qmm_mask_query else inputs["attention_mask"]
+        return query_masked_inputs(inputs["input_ids"], attention, safekey["key_mask"], has_key)
+
+    def _query_masked_loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, stand_in: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """L_QMM summed over K's tokens, their number and how many were predicted top-1; zero-weighted for a
+        `stand_in`."""
+        loss, correct = query_masked_loss(kept_logits(logits, targets, self._causal_lm()), targets)
+        zero = torch.zeros((), dtype=torch.long, device=targets.device)
+        if stand_in:
+            return loss * 0, zero, zero
+        return loss, torch.as_tensor(targets.numel(), device=targets.device), correct
 
     def _query_masked_pass(
         self,
@@ -428,57 +569,36 @@ class SafeKeySFTTrainer(SFTTrainer):
         safekey: dict[str, torch.Tensor],
         has_key: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """The second forward: the query hidden from attention, the LM loss on K's tokens only.
-
-        Runs only the examples that have K in range, only up to the last K token of the batch, and projects through
-        the LM head only the positions that predict a K token (`logits_to_keep`), on every device. The call goes
-        through the (possibly DDP/FSDP/DeepSpeed-wrapped) model like the main pass. Returns the summed loss over K's
-        tokens (None when no example has K), their count and how many were predicted top-1.
-        """
+        """The query-masked pass alone, as its own call of `model` (`compute_loss` runs it inside the main pass's
+        call): the summed L_QMM over K's tokens (None when no example has K), their count and the top-1 hits."""
         zero = torch.zeros((), dtype=torch.long, device=has_key.device)
-        if not bool(has_key.any()) or self.args.qmm_weight == 0:
+        if not bool(has_key.any()):
             return None, zero, zero
-        key_mask = safekey["key_mask"][has_key]
-        positions = torch.arange(key_mask.shape[1], device=key_mask.device)
-        end = int((positions * key_mask).max()) + 1
-        key_mask = key_mask[:, :end]
-        input_ids = inputs["input_ids"][has_key, :end]
         attention = safekey["query_mask"] if self.args.qmm_mask_query else inputs["attention_mask"]
-        # Position p predicts token p + 1: project only the positions just before a K token, row by row
-        predicts_key = torch.zeros_like(key_mask, dtype=torch.bool)
-        predicts_key[:, :-1] = key_mask[:, 1:].bool()
-        # Under DDP a second call through the wrapper, before one backward, marks parameters ready twice (with
-        # gradient checkpointing); the inner module shares the parameters, so their gradients are still reduced.
-        # FSDP and DeepSpeed gather parameters through the wrapper or module hooks, so they keep the wrapper.
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        outputs = model(
-            input_ids=input_ids,
-            attention_mask=attention[has_key, :end],
-            logits_to_keep=predicts_key,
-            fused_lm_head=False,
-            use_cache=False,
+        qmm = query_masked_inputs(inputs["input_ids"], attention, safekey["key_mask"], has_key)
+        outputs = model(**qmm["model_inputs"], fused_lm_head=False, use_cache=False)
+        loss, correct = query_masked_loss(
+            kept_logits(outputs.logits, qmm["targets"], self._causal_lm()), qmm["targets"]
         )
-        logits = outputs.logits.float()  # (K tokens, vocab)
-        targets = input_ids[:, 1:][predicts_key[:, :-1]]
-        if logits.shape[:-1] != targets.shape:
-            raise RuntimeError(
-                f"{type(self._causal_lm()).__name__} ignored the boolean `logits_to_keep` mask of the query-masked "
-                f"pass (logits {tuple(logits.shape)} for {targets.numel()} K tokens); SafeKey needs a transformers "
-                "causal LM that supports it."
-            )
-        loss = F.cross_entropy(logits, targets, reduction="sum")
-        correct = (logits.argmax(dim=-1) == targets).sum()
-        return loss, torch.as_tensor(targets.numel(), device=targets.device), correct
+        return loss, torch.as_tensor(qmm["targets"].numel(), device=has_key.device), correct
 
-    def _head_inputs(self, safekey: dict[str, torch.Tensor], has_key: torch.Tensor, length: int) -> dict[str, Any]:
-        """What the model's forward needs to run the head: the rows with K, and the U and prefix masks to pool."""
-        understanding = safekey["understanding_span"][has_key]
-        prefix_end = safekey["prefix_end"][has_key]
+    def _head_inputs(
+        self, safekey: dict[str, torch.Tensor], has_key: torch.Tensor, length: int, stand_in: bool = False
+    ) -> dict[str, Any]:
+        """What the model's forward needs to run the head: the rows with K, and the U and prefix masks to pool
+        (with `stand_in`: the first row, pooled over its first token)."""
+        if stand_in:
+            rows = torch.zeros_like(has_key)
+            rows[0] = True
+            understanding = prefix = torch.tensor([[0, 1]], device=has_key.device)
+        else:
+            rows = has_key
+            understanding = safekey["understanding_span"][has_key]
+            prefix = F.pad(safekey["prefix_end"][has_key].unsqueeze(1), (1, 0))  # [0, prefix_end)
         return {
-            "rows": has_key,
+            "rows": rows,
             "understanding_mask": span_mask(understanding[:, 0], understanding[:, 1], length),
-            "prefix_mask": span_mask(torch.zeros_like(prefix_end), prefix_end, length),
+            "prefix_mask": span_mask(prefix[:, 0], prefix[:, 1], length),
             "detach": self.args.head_detach_hidden,
         }
 
@@ -487,12 +607,16 @@ class SafeKeySFTTrainer(SFTTrainer):
         logits: tuple[torch.Tensor, torch.Tensor] | None,
         safekey: dict[str, torch.Tensor],
         has_key: torch.Tensor,
+        stand_in: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The head's summed per-example loss over the rows with K (None when the head did not run) and how many
-        of them it got right."""
+        of them it got right; zero-weighted for a `stand_in` row."""
+        no_examples = torch.zeros((), dtype=torch.long, device=has_key.device)
         if logits is None:
-            return None, torch.zeros((), dtype=torch.long, device=has_key.device)
+            return None, no_examples
         understanding_logits, prefix_logits = logits
+        if stand_in:
+            return (understanding_logits + prefix_logits).sum() * 0, no_examples
         unsafe = safekey["unsafe"][has_key]
         theta = self.args.head_theta
         loss = safety_head_loss(understanding_logits, prefix_logits, unsafe, theta).sum()
@@ -634,15 +758,51 @@ class SafeKeySFTTrainer(SFTTrainer):
                 pass
         self.accelerator.wait_for_everyone()
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the clean model and, beside it, the head in float32 and the SafeKey settings.
+
+        The head's float32 weights are gathered on every process first (a collective under ZeRO and FSDP). FSDP's
+        sharded checkpoints hold the model, head included, in their shards (what resuming reads); the head file and
+        the settings are written beside them all the same, for export and for the settings check on resume.
+        """
+        self._head_state_to_save = self._float32_head_state()
+        try:
+            super().save_model(output_dir, _internal_call)
+            if self._head_state_to_save is not None:  # no `_save`: FSDP's sharded state dict
+                self._save_head(output_dir if output_dir is not None else self.args.output_dir, {})
+        finally:
+            self._head_state_to_save = None
+
+    def _float32_head_state(self) -> dict[str, torch.Tensor]:
+        """The head's weights in float32, whole: DeepSpeed's float32 master weights, FSDP's gathered shards."""
+        state = {}
+        for name, parameter in self.safety_head.named_parameters():
+            value = None
+            if self.is_deepspeed_enabled:
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                value = safe_get_full_fp32_param(parameter)  # None before the optimizer exists
+            if value is None and isinstance(parameter, DTensor):
+                value = parameter.full_tensor()
+            if value is None:
+                value = parameter.detach()
+            state[name] = value.detach().float().cpu()
+        return state
+
+    def _save_head(self, output_dir: str, head_state: dict[str, torch.Tensor]) -> None:
+        if self.args.should_save and (head_state or self._head_state_to_save):
+            head_state = self._head_state_to_save or {name: value.float() for name, value in head_state.items()}
+            save_head_state(head_state, output_dir)
+            save_safekey_settings(self.args, output_dir, run=self.run_facts().to_dict())
+        self._head_state_to_save = None
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save a clean causal LM (no head weights) and the head beside it in `safekey_head.safetensors`."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         head_state, model_state = split_head_state(state_dict)
-        if self.args.should_save and head_state:
-            save_head_state(head_state, output_dir)
-            save_safekey_settings(self.args, output_dir, run=self.run_facts().to_dict())
+        self._save_head(output_dir, head_state)
         super()._save(output_dir, state_dict=model_state)
 
     def run_facts(self) -> RunFacts:
@@ -674,6 +834,11 @@ class SafeKeySFTTrainer(SFTTrainer):
             facts.training["gradient_accumulation_steps_asked"] = self.args.gradient_accumulation_steps
         if self.skipped_steps:
             facts.training["skipped_steps"] = self.skipped_steps
+        quantization = getattr(self._causal_lm().config, "quantization_config", None)
+        if quantization is not None:
+            facts.base_quantization = (
+                quantization.to_dict() if hasattr(quantization, "to_dict") else dict(quantization)
+            )
         if isinstance(self.train_dataset, Dataset):
             has_key = [end > 0 for end in self.train_dataset["prefix_end"]]
             unsafe = self.train_dataset["unsafe"]
@@ -700,6 +865,43 @@ class SafeKeySFTTrainer(SFTTrainer):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "README.md").write_text(card, encoding="utf-8")
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # FSDP2's loader (torch.distributed.checkpoint) wants optimizer state for every trainable parameter, and the
+        # head has none before its first auxiliary step: a checkpoint of the plain-SFT epochs holds a placeholder
+        # for it (what that loader makes itself: a step of zero gradients at learning rate 0), dropped again after
+        # the save and after a load, so that the head's state starts at its first real step either way.
+        placeholders = self._parameters_without_optimizer_state() if self.is_fsdp_enabled else {}
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        if placeholders:
+            _zero_step(optimizer, set(placeholders.values()))
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            for parameter in placeholders.values():
+                optimizer.state.pop(parameter, None)
+        if placeholders and self.args.should_save:
+            content = json.dumps({"parameters": sorted(placeholders)}, indent=2) + "\n"
+            (Path(output_dir) / OPTIMIZER_PLACEHOLDERS_NAME).write_text(content, encoding="utf-8")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        marker = Path(checkpoint) / OPTIMIZER_PLACEHOLDERS_NAME if checkpoint is not None else None
+        if marker is not None and marker.is_file():
+            names = set(json.loads(marker.read_text(encoding="utf-8"))["parameters"])
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            for name, parameter in self.model.named_parameters():
+                if name in names:
+                    optimizer.state.pop(parameter, None)
+
+    def _parameters_without_optimizer_state(self) -> dict[str, nn.Parameter]:
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return {
+            name: parameter
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad and id(parameter) in in_optimizer and parameter not in optimizer.state
+        }
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         head_file = Path(resume_from_checkpoint) / HEAD_WEIGHTS_NAME
@@ -708,7 +910,10 @@ class SafeKeySFTTrainer(SFTTrainer):
                 f"{resume_from_checkpoint}: no {HEAD_WEIGHTS_NAME}; "
                 "this checkpoint was not written by SafeKeySFTTrainer."
             )
-        self.safety_head.load_state_dict(load_file(str(head_file), device=str(self.args.device)))
+        if self.is_fsdp_enabled:
+            return  # FSDP's own model files (sharded or full) hold the head, and have restored it with the rest
+        # Read on the CPU (a device such as "cpu:0" is no safetensors device); `load_state_dict` copies it in place
+        self.safety_head.load_state_dict(load_file(str(head_file)))
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # The head is not in the model's weights file (it has its own), so it is never a missing key; nor is a weight

@@ -266,3 +266,16 @@ def test_recipes_parse_without_the_gradient_checkpointing_warning(recipe):
         warnings.simplefilter("always")
         _, args, _ = parse_recipe("tiny", ["--gradient_checkpointing", "false"])  # the old name still works
     assert not args.activation_checkpointing and not args.gradient_checkpointing
+
+
+def test_training_ends_the_run(tmp_path, monkeypatch):
+    """`sft.train` ends with the trainer's `end()`, as TRL's script does: trackers finished and the process group
+    destroyed (under NCCL a group left alive at exit warns, or hangs)."""
+    from safekey_trl.trainer import SafeKeySFTTrainer
+
+    ended = []
+    monkeypatch.setattr(SafeKeySFTTrainer, "end", lambda self: ended.append(self.state.global_step))
+    command = ["train", "--recipe", "tiny", "--max_steps", "1", "--save_strategy", "no", "--output_dir", str(tmp_path)]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert ended == [1] and (tmp_path / "model.safetensors").is_file()

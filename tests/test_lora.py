@@ -226,3 +226,23 @@ def test_dry_run_of_a_7b_config(tmp_path):
     )
     assert 6 < plan.total / 2**30 < 12
     assert json.loads((config_dir / "config.json").read_text())["hidden_size"] == 3584
+
+
+def test_qlora_merge_computes_what_the_trained_model_computed(tmp_path, examples):
+    """An adapter trained on the 4-bit base is merged into the dequantized 4-bit weights it learnt on top of: merged
+    into the unquantized base, the logits would differ by the whole quantization error."""
+    trainer = lora_trainer(tmp_path / "run", examples, quantized=True, num_train_epochs=1, auxiliary_epochs=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "run"))
+    trainer.model.eval()
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 257]])
+    with torch.no_grad():
+        trained = trainer.model(input_ids=ids).logits
+        with trainer.model.disable_adapter():
+            base = trainer.model(input_ids=ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(str(export(tmp_path / "run", tmp_path / "merged", True, "float32")))
+    assert not any(isinstance(module, Linear4bit) for module in merged.modules())
+    with torch.no_grad():
+        difference = (merged(ids).logits - trained).abs().max().item()
+    adapter_effect = (trained - base).abs().max().item()
+    assert difference < 0.01 < 0.1 * adapter_effect

@@ -159,3 +159,32 @@ def test_auxiliary_epochs_edges():
     assert auxiliary_active(0.0, num_train_epochs=2, auxiliary_epochs=2)
     assert auxiliary_active(0.0, num_train_epochs=2, auxiliary_epochs=5)
     assert not auxiliary_active(1.9, num_train_epochs=2, auxiliary_epochs=0)
+
+
+def test_head_computes_in_float32_under_bf16_autocast(tmp_path, make_model, tokenizer, examples):
+    """bf16 mixed precision runs the model under autocast; the head stays float32: its parameters, its pooling of the
+    last hidden states and its logits, so its loss and the logged `head_loss` are not bf16-rounded."""
+    model = make_model()
+    trainer = make_trainer(tmp_path, model, tokenizer, examples, bf16=True)
+    head = trainer.safety_head
+    assert all(parameter.dtype == torch.float32 for parameter in head.parameters())
+    batch = first_batch(trainer)
+    captured = []  # the main pass's last hidden states come first
+    hook = model.model.register_forward_hook(lambda m, a, out: captured.append(getattr(out, "last_hidden_state", out)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate wraps the forward in
+        trainer.compute_loss(model, dict(batch))
+    hook.remove()
+    understanding_logits, prefix_logits = trainer._safekey_outputs["head_logits"]
+    assert understanding_logits.dtype == prefix_logits.dtype == torch.float32
+    rows = batch["key_mask"].any(dim=1)
+    hidden = captured[0][rows].double()
+    expected = []
+    for b, (start, end), prefix_end in zip(
+        range(len(hidden)), batch["understanding_span"][rows].tolist(), batch["prefix_end"][rows].tolist(), strict=True
+    ):
+        u = hidden[b, start:end].mean(0) @ head.understanding_head.weight.double()[0] + head.understanding_head.bias
+        p = hidden[b, :prefix_end].mean(0) @ head.prefix_head.weight.double()[0] + head.prefix_head.bias
+        expected.append((float(u), float(p)))
+    expected = torch.tensor(expected)
+    torch.testing.assert_close(understanding_logits.detach(), expected[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prefix_logits.detach(), expected[:, 1], rtol=1e-5, atol=1e-6)

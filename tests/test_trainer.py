@@ -182,8 +182,8 @@ def test_query_masked_pass_runs_only_rows_with_k_up_to_the_last_k_token(tmp_path
     trainer = make_trainer(tmp_path, model, tokenizer, examples)
     batch = first_batch(trainer)
     batch["key_mask"][1] = 0  # row 1: K cut by truncation
-    shapes = []
-    model.register_forward_pre_hook(
+    shapes = []  # of the backbone's inputs: the main pass, then the query-masked one (inside the same model call)
+    model.model.register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     trainer.compute_loss(model, dict(batch))
