@@ -491,6 +491,8 @@ class SafeKeySFTTrainer(SFTTrainer):
         grad_bad = torch.zeros(1, device=device)
         # Under fp16 the gradient scaler expects infinite gradients now and then and skips those steps itself
         if grad_norm is not None and self.accelerator.scaler is None:
+            if isinstance(grad_norm, DTensor):  # FSDP2's norm of its sharded gradients (replicated)
+                grad_norm = grad_norm.full_tensor()
             norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=device).reshape(1)
             grad_bad = (~torch.isfinite(norm)).float()
         step_loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=device)
