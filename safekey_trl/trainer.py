@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -689,21 +691,15 @@ class SafeKeySFTTrainer(SFTTrainer):
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staged, final = run_dir / STAGING_DIR / name, run_dir / name
-        if self.args.should_save and staged.exists():
-            shutil.rmtree(staged)
-        self.accelerator.wait_for_everyone()
+
+        def kept(last: str | None) -> str:
+            checkpoint = f"the last complete checkpoint {last}" if last else "no complete checkpoint yet"
+            return f"kept: {checkpoint}; the incomplete one was removed"
+
         self._checkpoint_staging = str(staged.parent)
         try:
-            super()._save_checkpoint(model, trial)
-        except Exception as error:
-            full = is_disk_full(error, staged)
-            if self.args.should_save:
-                shutil.rmtree(staged, ignore_errors=True)
-            if not full:
-                raise
-            last = latest_complete_checkpoint(run_dir)
-            kept = f"kept: {'the last complete checkpoint ' + last if last else 'no complete checkpoint yet'}"
-            raise disk_full_error(staged, f"{kept}; the incomplete one was removed") from None
+            with self._writing_aside(staged, run_dir, kept):
+                super()._save_checkpoint(model, trial)
         finally:
             self._checkpoint_staging = None
         if self.state.best_model_checkpoint == str(staged):
@@ -717,10 +713,8 @@ class SafeKeySFTTrainer(SFTTrainer):
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(staged, final)
-            try:
+            with contextlib.suppress(OSError):  # not empty, or already gone
                 staged.parent.rmdir()
-            except OSError:  # not empty, or already gone
-                pass
             rotate_checkpoints(
                 output_dir=str(run_dir),
                 save_total_limit=self.args.save_total_limit,
@@ -735,30 +729,38 @@ class SafeKeySFTTrainer(SFTTrainer):
         and the checkpoints untouched. A full disk is reported as one line."""
         target = Path(output_dir or self.args.output_dir)
         staged = target / STAGING_DIR / "final"
+
+        def kept(last: str | None) -> str:
+            return f"kept: {'the checkpoints, the last ' + last if last else 'no checkpoint'}; no partial file"
+
+        with self._writing_aside(staged, target, kept):
+            self.save_model(str(staged))
+            if self.is_world_process_zero():
+                self._write_model_card(staged, model_name or target.name)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and staged.exists():
+            move_into(staged, target)
+            with contextlib.suppress(OSError):
+                staged.parent.rmdir()
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _writing_aside(self, staged: Path, run_dir: Path, kept: Callable[[str | None], str]) -> Iterator[None]:
+        """Around a save into the staging folder `staged` (emptied first, every process in step): a failed save
+        leaves no partial folder, and a full disk is one line saying what was kept, `kept(the last complete
+        checkpoint in run_dir)`."""
         if self.args.should_save and staged.exists():
             shutil.rmtree(staged)
         self.accelerator.wait_for_everyone()
         try:
-            self.save_model(str(staged))
-            if self.is_world_process_zero():
-                self._write_model_card(staged, model_name or target.name)
+            yield
         except Exception as error:
             full = is_disk_full(error, staged)
             if self.args.should_save:
                 shutil.rmtree(staged, ignore_errors=True)
             if not full:
                 raise
-            last = latest_complete_checkpoint(target)
-            kept = f"kept: {'the checkpoints, the last ' + last if last else 'no checkpoint'}; no partial file"
-            raise disk_full_error(staged, kept) from None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save and staged.exists():
-            move_into(staged, target)
-            try:
-                staged.parent.rmdir()
-            except OSError:
-                pass
-        self.accelerator.wait_for_everyone()
+            raise disk_full_error(staged, kept(latest_complete_checkpoint(run_dir))) from None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the clean model and, beside it, the head in float32 and the SafeKey settings.
