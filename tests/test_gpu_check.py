@@ -369,10 +369,8 @@ def test_without_cuda_every_check_is_skipped_and_nothing_is_written(tmp_path, mo
     assert not report.exists()
 
 
-def test_on_cuda_the_report_is_rewritten_after_each_check_in_python_310s_datetime(tmp_path, monkeypatch):
-    """Python 3.10 has no `datetime.UTC`; a run stopped after the first check leaves its result and the rest
-    marked pending."""
-    monkeypatch.delattr(datetime, "UTC", raising=False)
+def test_on_cuda_the_report_is_rewritten_after_each_check(tmp_path, monkeypatch):
+    """A run stopped after the first check leaves its result and the rest marked pending."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_check, "describe_device", lambda: "1 x Fake GPU (80 GiB)")
     report = tmp_path / "docs" / "gpu.md"
@@ -402,7 +400,7 @@ def test_report_has_the_date_the_device_the_table_and_the_benchmark(tmp_path):
         CheckResult("step_costs", "pass", "tables below", seconds=80, output="| tokens | plain SFT |\n|---|---|"),
     ]
     path = tmp_path / "docs" / "gpu.md"
-    when = datetime.datetime(2026, 11, 26, 2, 30, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 11, 26, 2, 30, tzinfo=datetime.UTC)
     write_report(path, results, "1 x NVIDIA H100 80GB HBM3 (79 GiB)", when, versions="torch 2.13.0")
     text = path.read_text()
     assert (

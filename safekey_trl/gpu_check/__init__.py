@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None, checks: list[Check] | None = None, start
         print(f"in all {sum(check.budget for check in selected) * args.budget_scale:.0f} s")
         return 0
     cuda = torch.cuda.is_available()
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     command = "make gpu-check" + (f' ARGS="{" ".join(argv)}"' if argv else "")
 
     def record(results: list[CheckResult], pending: list[Check]) -> None:
