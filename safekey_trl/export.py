@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .heads import HEAD_ATTRIBUTE, HEAD_WEIGHTS_NAME
 from .model_card import RunFacts, render_model_card
-from .outputs import check_writable, disk_full_error, is_disk_full
+from .outputs import check_writable, disk_full_error, is_disk_full, move_into
 from .resume import SAFEKEY_SETTINGS_NAME, check_checkpoint_complete, load_safekey_settings
 from .run_lock import STAGING_DIR
 
@@ -152,8 +152,7 @@ def _move_export(staging: Path, out: Path, previous: list[str]) -> list[str]:
             f"{out}: the export would replace {', '.join(foreign)}, which no export wrote; move them away or give "
             "another --out"
         )
-    for name in names:
-        (staging / name).replace(out / name)
+    move_into(staging, out)
     for name in previous:
         if name not in names and (out / name).is_file():
             (out / name).unlink()
