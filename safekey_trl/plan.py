@@ -20,6 +20,7 @@ from trl import ModelConfig
 
 from .config import SafeKeyConfig
 from .modeling import lora_targets
+from .offline import is_offline
 from .tiny import is_tiny_model_name, tiny_architecture, tiny_config, tiny_tokenizer
 
 # TRL's fused LM head works on float32 tiles of up to 4,096 tokens × 32,768 vocabulary entries
@@ -286,7 +287,7 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    if is_offline():
         return False
     try:
         urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
