@@ -39,7 +39,8 @@ class DualPathSafetyHead(nn.Module):
     The understanding path mean-pools the last hidden states over the query understanding U; the prefix path
     mean-pools over everything before the key sentence K (prompt and U). Pooling, logits and loss are computed in
     float32 whatever the model's dtype or autocast; every parameter, biases included, trains. The parameters are
-    float32 too, except where DeepSpeed holds them (one dtype for the whole model, see [`head_param_dtype`]).
+    float32 too, except where DeepSpeed holds them (one dtype for the whole model: [`SafeKeySFTTrainer`] casts
+    the head to it).
     """
 
     def __init__(self, hidden_size: int):
