@@ -224,11 +224,6 @@ class SafeKeySFTTrainer(SFTTrainer):
         route_safekey_terms(self.callback_handler.callbacks)
         # The training data's names, for the model card (`sft.train` sets them; `create_model_card` adds its own)
         self.dataset_names: list[str] = []
-        if args.non_finite_loss == "skip" and self.is_deepspeed_enabled:
-            raise ValueError(
-                "`non_finite_loss: skip` is not supported under DeepSpeed: its engine steps the optimizer inside the "
-                "backward pass, before a step can be checked. Use `non_finite_loss: stop`."
-            )
         # Non-finite steps (see `finite.py`): this step's flags and loss on this process, the SafeKey terms of the
         # step held until it is known to count, the finite steps' loss for the log, and the steps skipped
         self._step_flags: torch.Tensor | None = None
@@ -242,8 +237,8 @@ class SafeKeySFTTrainer(SFTTrainer):
 
     def _check_distributed_setup(self) -> None:
         """Stop, with every reason at once, a run that would not train as asked: an FSDP config that accelerate did
-        not set up as FSDP (it runs one as plain data parallel on CPU), FSDP1, or reentrant gradient checkpointing
-        under DDP or DeepSpeed."""
+        not set up as FSDP (it runs one as plain data parallel on CPU), FSDP1, reentrant gradient checkpointing
+        under DDP or DeepSpeed, or skipping non-finite steps under DeepSpeed."""
         state = self.accelerator.state
         problems = []
         if str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")) and not self.is_fsdp_enabled:
@@ -272,6 +267,11 @@ class SafeKeySFTTrainer(SFTTrainer):
                 "one backward, and reentrant checkpointing then reduces their gradients twice. Set "
                 'activation_checkpointing_kwargs (gradient_checkpointing_kwargs) to {"use_reentrant": false}, the '
                 "default, or train with FSDP2."
+            )
+        if self.args.non_finite_loss == "skip" and self.is_deepspeed_enabled:
+            problems.append(
+                "`non_finite_loss: skip` is not supported under DeepSpeed: its engine steps the optimizer inside the "
+                "backward pass, before a step can be checked. Use `non_finite_loss: stop`."
             )
         if problems:
             raise ValueError("This run cannot train as configured:\n- " + "\n- ".join(problems))

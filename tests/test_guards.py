@@ -103,3 +103,27 @@ def test_trainer_refuses_reentrant_checkpointing_under_deepspeed(
     with pytest.raises(ValueError, match="DeepSpeed cannot train SafeKey with reentrant gradient checkpointing"):
         make_trainer(tmp_path, make_model(), tokenizer, examples, **reentrant)
     make_trainer(tmp_path, make_model(), tokenizer, examples, activation_checkpointing=True)  # non-reentrant: fine
+
+
+def test_trainer_refuses_skipping_non_finite_steps_under_deepspeed(
+    tmp_path, monkeypatch, make_model, tokenizer, examples
+):
+    # DeepSpeed's engine steps the optimizer inside the backward pass, before the step's check could skip it; the
+    # refusal is listed with the other reasons the run cannot train as configured
+    from transformers import Trainer
+
+    create = Trainer.create_accelerator_and_postprocess
+
+    def create_with_deepspeed(self):
+        create(self)
+        self.is_deepspeed_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create_with_deepspeed)
+    reentrant = dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError) as caught:
+        make_trainer(tmp_path, make_model(), tokenizer, examples, non_finite_loss="skip", **reentrant)
+    message = str(caught.value)
+    assert message.startswith("This run cannot train as configured:\n- ")
+    assert "- DeepSpeed cannot train SafeKey with reentrant gradient checkpointing" in message
+    assert "- `non_finite_loss: skip` is not supported under DeepSpeed" in message
+    make_trainer(tmp_path, make_model(), tokenizer, examples, non_finite_loss="stop")  # stopping: fine
