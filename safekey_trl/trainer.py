@@ -726,7 +726,8 @@ class SafeKeySFTTrainer(SFTTrainer):
     def save_run(self, output_dir: str | None = None, model_name: str | None = None) -> None:
         """Save the final model (or adapter), its head, the SafeKey settings and the model card into `output_dir`:
         written aside, then moved in file by file, so that a full disk or an interruption leaves no truncated file
-        and the checkpoints untouched. A full disk is reported as one line."""
+        and the checkpoints untouched. A full disk is reported as one line. It does not push: `push_to_hub` saves and
+        uploads `output_dir` itself (`sft.train` calls it after)."""
         target = Path(output_dir or self.args.output_dir)
         staged = target / STAGING_DIR / "final"
 
@@ -734,7 +735,9 @@ class SafeKeySFTTrainer(SFTTrainer):
             return f"kept: {'the checkpoints, the last ' + last if last else 'no checkpoint'}; no partial file"
 
         with self._writing_aside(staged, target, kept):
-            self.save_model(str(staged))
+            # An internal call: under `push_to_hub` the Trainer's `save_model` would push from inside this save,
+            # saving the model once more straight into output_dir, before the staged files are moved in
+            self.save_model(str(staged), _internal_call=True)
             if self.is_world_process_zero():
                 self._write_model_card(staged, model_name or target.name)
         self.accelerator.wait_for_everyone()

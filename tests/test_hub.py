@@ -159,3 +159,21 @@ def test_the_cards_loading_code_runs_and_decodes_as_it_says(tmp_path, full_run):
     )
     expected = model.generate(**inputs, do_sample=False, repetition_penalty=1.2, max_new_tokens=8)
     assert outputs[0] == expected[0].tolist()
+
+
+def test_the_final_save_pushes_nothing_and_the_push_after_it_uploads_the_run_once(
+    tmp_path, hub, monkeypatch, make_model, tokenizer, examples
+):
+    """`sft.train` saves the run (`save_run`), then pushes: one upload, of the whole final model. The save itself does
+    not push (the Trainer's `save_model` would, saving the model again straight into output_dir mid-save)."""
+    uploads = []
+    upload = hub.upload_folder
+    monkeypatch.setattr(hub, "upload_folder", lambda *args, **kwargs: uploads.append(1) or upload(*args, **kwargs))
+    run = tmp_path / "run"
+    trainer = make_trainer(run, make_model(), tokenizer, examples, max_steps=1, push_to_hub=True, hub_model_id="me/x")
+    trainer.train()
+    trainer.save_run(str(run))
+    assert uploads == [] and (run / "model.safetensors").is_file() and (run / HEAD_WEIGHTS_NAME).is_file()
+    trainer.push_to_hub()
+    assert len(uploads) == 1
+    assert {"model.safetensors", HEAD_WEIGHTS_NAME, SAFEKEY_SETTINGS_NAME, "README.md"} <= hub.files("me/x")
