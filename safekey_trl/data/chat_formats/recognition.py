@@ -24,7 +24,7 @@ from .families import (
     declared_format,
     known_templates,
 )
-from .rendering import apply_template
+from .rendering import _common_prefix, apply_template
 
 _QUESTION = "How do I reset a forgotten password?"
 _REASONING = "The user wants to reset a password. The sign-in page has a link for it."
@@ -109,10 +109,6 @@ def _candidates() -> list[Recognised]:
         for stem, mode in format.templates.items()
         if stem in known
     ]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def recognise(tokenizer, template: str, template_kwargs: dict[str, Any]) -> tuple[Recognised | None, str]:
