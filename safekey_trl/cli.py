@@ -640,6 +640,18 @@ def eval_command(
             raise ValueError(f"--replay replays completions: it takes no --backend {backend}.")
         backend = "replay" if replay is not None else backend
         specs = [spec.strip() for spec in (suite or "").split(",") if spec.strip()]
+        # Options given override the preset's settings (or the reference's safety protocol without a preset)
+        overrides = {
+            name: value
+            for name, value in (
+                ("max_new_tokens", max_new_tokens),
+                ("repetition_penalty", repetition_penalty),
+                ("temperature", temperature),
+                ("top_p", top_p),
+                ("samples", samples),
+            )
+            if value is not None
+        }
         if backend == "lighteval":
             # What lighteval does not take would be left out without a word: refused instead
             given = {
@@ -654,20 +666,13 @@ def eval_command(
                 raise ValueError(
                     f"--backend lighteval runs whole tasks with the model's template: it takes no {', '.join(unused)}."
                 )
-            decoding = dict(
-                max_new_tokens=max_new_tokens,
-                repetition_penalty=repetition_penalty,
-                temperature=temperature,
-                top_p=top_p,
-                samples=samples,
-            )
             engine = dict(
                 dtype=dtype,
                 tensor_parallel_size=tensor_parallel_size,
                 max_model_len=max_model_len,
                 gpu_memory_utilization=gpu_memory_utilization,
             )
-            _run_lighteval(model, specs, chosen, output_dir, code_sandbox, lora, decoding, engine)
+            _run_lighteval(model, specs, chosen, output_dir, code_sandbox, lora, overrides, engine)
             return
         if chosen is not None:
             # A local copy given as NAME=FILE stands in for the preset's Hub load of NAME
@@ -675,18 +680,6 @@ def eval_command(
             specs = list(dict.fromkeys([*(name for name in chosen.suites if name not in local), *specs]))
         if not specs:
             raise ValueError("Give --suite (or --preset safekey-reference).")
-        # Options given override the preset's settings (or the reference's safety protocol without a preset)
-        overrides = {
-            name: value
-            for name, value in (
-                ("max_new_tokens", max_new_tokens),
-                ("repetition_penalty", repetition_penalty),
-                ("temperature", temperature),
-                ("top_p", top_p),
-                ("samples", samples),
-            )
-            if value is not None
-        }
         prompt_format = chosen.prompt_format if chosen is not None else DEFAULT_PROMPT_FORMAT
         sampling = {}
         prompts = []
@@ -924,7 +917,6 @@ def _run_lighteval(
     if preset is not None:
         specs = list(dict.fromkeys([*(name for name in preset.suites if name in LIGHTEVAL_TASKS), *specs]))
     names = check_lighteval_suites(specs, code_sandbox)
-    overrides = {key: value for key, value in overrides.items() if value is not None}
     directory = Path(output_dir) if output_dir is not None else default_eval_dir(model)
     path = model_path(model)
     plan = plan_lora(path, lora)
