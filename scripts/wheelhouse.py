@@ -34,14 +34,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10: pip vendors the same parser
-    from pip._vendor import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 # PyPI has these only as source distributions: built into wheels here
@@ -312,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--python-version",
         default=f"{sys.version_info.major}.{sys.version_info.minor}",
-        help="the GPU machine's Python, e.g. 3.10 (default: this one's)",
+        help="the GPU machine's Python, e.g. 3.11 (default: this one's)",
     )
     parser.add_argument("--platform", default=DEFAULT_PLATFORM, help=f"its platform tag (default {DEFAULT_PLATFORM})")
     parser.add_argument(
