@@ -21,6 +21,7 @@ from safekey_trl.data.chat_formats import TEMPLATE_DATE, trl_chat_templates
 from safekey_trl.evaluation import (
     HARM_PROMPTS,
     REFUSAL_PROMPT,
+    Completion,
     EvalPrompt,
     JudgePrompt,
     OpenAIJudge,
@@ -227,6 +228,19 @@ def test_replay_file_errors_name_the_file_row_and_field(tmp_path, tokenizer):
     sampled = SamplingSettings(temperature=0.6, samples=2)
     with pytest.raises(ValueError, match="sample 1 \\(1 in the file, 2 needed\\)"):
         replay.generate([render_prompt(tokenizer, EvalPrompt("s", "1", prompt_messages()))], sampled)
+
+
+def test_replay_reads_completions_holding_unicode_line_separators(tmp_path, tokenizer):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw: inside a JSON string, not a line's end
+    text = "Line one\u2028line two\u2029line three\x85end."
+    path = tmp_path / "replay.jsonl"
+    path.write_text(
+        json.dumps({"suite": "s", "id": 1, "completion": text}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    replay = ReplayGenerator(path)
+    prompt = render_prompt(tokenizer, EvalPrompt("s", "1", prompt_messages()))
+    assert replay.generate([prompt], SamplingSettings()) == [[Completion(text, None)]]
+    assert replay.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def prompt_messages():

@@ -14,8 +14,6 @@ the file lacks is an error naming it, never a silent skip.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 from .generation import Completion, SamplingSettings
 from .rendering import RenderedPrompt
 from .suites import PromptFileError
+from .suites.files import file_revision, read_jsonl
 
 FINISH_REASONS = ("stop", "length")
 
@@ -35,17 +34,9 @@ class ReplayGenerator:
         if not self.path.is_file():
             raise FileNotFoundError(f"{path}: no such replay file")
         self.completions: dict[tuple[str, str], dict[int, Completion]] = {}
-        data = self.path.read_bytes()
-        self.sha256 = hashlib.sha256(data).hexdigest()
-        source = str(self.path)
-        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PromptFileError(source, number, "<json>", f"not valid JSON ({error.msg})") from None
-            self._add(row, source, number)
+        self.sha256 = file_revision(self.path).removeprefix("sha256:")
+        for number, row in read_jsonl(self.path):
+            self._add(row, str(self.path), number)
 
     def _add(self, row: Any, source: str, number: int) -> None:
         if not isinstance(row, dict):

@@ -94,20 +94,26 @@ def row_to_prompt(row: Any, source: str, line: int, suite: str) -> EvalPrompt:
     )
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """`(line number, value)` for each non-blank line of a JSONL file; a line that is not JSON is a
+    [`PromptFileError`] naming it."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise PromptFileError(str(path), number, "<json>", f"not valid JSON ({error.msg})") from None
+    return rows
+
+
 def _read_rows(path: Path) -> list[tuple[int, Any]]:
     source = str(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise PromptFileError(source, number, "<json>", f"not valid JSON ({error.msg})") from None
-        return rows
+        return read_jsonl(path)
     if suffix == ".json":
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
