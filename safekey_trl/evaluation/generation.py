@@ -97,6 +97,19 @@ def _end_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = 
     return ids
 
 
+def left_padded(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], add_special_tokens: bool = False) -> Any:
+    """`texts` tokenized as one batch padded on the left (generation appends on the right: every row must end at the
+    same place), the tokenizer's padding side left as it was; a tokenizer without a pad token pads with EOS."""
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer(list(texts), add_special_tokens=add_special_tokens, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = padding_side
+
+
 class TransformersGenerator:
     """Batched generation with transformers (the offline fallback): left padding, the repetition penalty,
     greedy or sampled."""
@@ -137,16 +150,8 @@ class TransformersGenerator:
     def generate(self, prompts: Sequence[RenderedPrompt], sampling: SamplingSettings) -> list[list[Completion]]:
         """Complete a batch of rendered prompts; greedy rollouts are one generation repeated."""
         texts = [prompt.text for prompt in prompts]
-        padding_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"  # generation appends on the right: every row must end at the same place
-        try:
-            if self.tokenizer.pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            # The chat template already wrote the BOS token
-            batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        finally:
-            self.tokenizer.padding_side = padding_side
-        batch = batch.to(self.model.device)
+        # The chat template already wrote the BOS token
+        batch = left_padded(self.tokenizer, texts, add_special_tokens=False).to(self.model.device)
         if not sampling.greedy:
             torch.manual_seed(sampling.seed)
         config = self.generation_config(sampling)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..generation import left_padded
 from ..suites import BENIGN, EvalPrompt
 from .base import FULL_COMPLIANCE, FULL_REFUSAL, Judge, Verdict, final_answer, refused_of
 
@@ -46,6 +47,28 @@ def keyword_refusal(response: str) -> bool:
     """Whether the final answer opens with a stock refusal phrase (the string-match heuristic of XSTest's paper)."""
     head = final_answer(response)[:200].lower().replace("’", "'")
     return any(phrase in head for phrase in REFUSAL_PHRASES)
+
+
+@torch.inference_mode()
+def greedy_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    add_special_tokens: bool,
+    lock: threading.Lock,
+) -> list[str]:
+    """A local judge model's replies to input texts, in one greedy, left-padded pass (only the new tokens, decoded
+    without special tokens); `lock` keeps one forward at a time on the model."""
+    batch = left_padded(tokenizer, texts, add_special_tokens).to(model.device)
+    with lock:
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 class ClassifierJudge(Judge):
@@ -87,31 +110,13 @@ class ClassifierJudge(Judge):
             "judge_prompt_sha256": digest,
         }
 
-    @torch.inference_mode()
     def classify_batch(self, conversations: Sequence[tuple[list[dict[str, str]], str]]) -> list[str]:
         """The classifier's raw replies for conversations (turns, then the assistant's response), in one pass."""
         texts = [
             self.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
             for messages, response in conversations
         ]
-        pad_token_id = self.tokenizer.pad_token_id
-        padding_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            if pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        finally:
-            self.tokenizer.padding_side = padding_side
-        batch = batch.to(self.model.device)
-        with self.lock:
-            output = self.model.generate(
-                **batch,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        return self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return greedy_replies(self.model, self.tokenizer, texts, self.max_new_tokens, False, self.lock)
 
     def classify(self, messages: list[dict[str, str]], response: str) -> str:
         """The classifier's raw reply for one conversation."""

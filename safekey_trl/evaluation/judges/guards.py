@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..suites import BENIGN, EvalPrompt
 from .base import FULL_COMPLIANCE, FULL_REFUSAL, Judge, Verdict, format_conversation, judged_turns
-from .classifier import REFUSAL_PHRASES, keyword_refusal
+from .classifier import REFUSAL_PHRASES, greedy_replies, keyword_refusal
 from .guard_formats import GUARDS, GuardFormat, GuardInput, GuardReading
 
 
@@ -151,30 +151,12 @@ class GuardJudge(Judge):
 
     # -- running ------------------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def generate_raw(self, texts: Sequence[str]) -> list[str]:
         """The guard's replies to input texts, in one greedy, left-padded pass (only the new tokens, decoded without
         special tokens)."""
-        tokenizer = self.tokenizer
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            batch = tokenizer(
-                list(texts), add_special_tokens=self.guard.add_special_tokens, padding=True, return_tensors="pt"
-            )
-        finally:
-            tokenizer.padding_side = padding_side
-        batch = batch.to(self.model.device)
-        with self.lock:
-            output = self.model.generate(
-                **batch,
-                max_new_tokens=self.guard.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return greedy_replies(
+            self.model, self.tokenizer, texts, self.guard.max_new_tokens, self.guard.add_special_tokens, self.lock
+        )
 
     def read(self, prompt: EvalPrompt, raw: str, truncated: bool) -> Verdict:
         """A verdict from the guard's reply: harmfulness for a harmful prompt, the refusal for a benign one."""
