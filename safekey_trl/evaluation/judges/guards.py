@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..suites import BENIGN, EvalPrompt
 from .base import FULL_COMPLIANCE, FULL_REFUSAL, Judge, Verdict, format_conversation, judged_turns
-from .classifier import REFUSAL_PHRASES, greedy_replies, keyword_refusal
+from .classifier import REFUSAL_PHRASES, greedy_replies, keyword_refusal_verdict
 from .guard_formats import GUARDS, GuardFormat, GuardInput, GuardReading
 
 
@@ -179,10 +179,7 @@ class GuardJudge(Judge):
         pending: list[tuple[int, str, bool]] = []
         for index, (prompt, response) in enumerate(items):
             if prompt.expect == BENIGN and not self.guard.reads_refusal:
-                refusal_class = FULL_REFUSAL if keyword_refusal(response) else FULL_COMPLIANCE
-                verdicts[index] = Verdict(
-                    refused=refusal_class == FULL_REFUSAL, refusal_class=refusal_class, raw="keyword match"
-                )
+                verdicts[index] = keyword_refusal_verdict(response)
                 continue
             try:
                 text, truncated = self.prepare(prompt, response)
