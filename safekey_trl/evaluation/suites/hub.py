@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import random
 import re
 from pathlib import Path
 from typing import Any
 
+from ...offline import is_offline
 from ..access import GatedAccessError, gated_message, is_gated
 from .files import file_revision, load_prompt_file
 from .prompts import (
@@ -136,7 +136,7 @@ def _resolved_revision(dataset: Any, spec: HubSuite) -> str | None:
         for part in Path(entry.get("filename", "")).parts:
             if re.fullmatch(r"[0-9a-f]{40}", part):
                 return part
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+    if is_offline():
         return None
     try:
         from huggingface_hub import HfApi
