@@ -394,3 +394,20 @@ def test_a_vote_sends_benign_prompts_to_the_endpoint_several_at_once():
     assert all(v.refusal_class == "full_refusal" for v in verdicts[1:]) and len(server.requests) == 4
     assert server.max_in_flight > 1
     assert vote.describe(benign[0][0])["judge"] == "openai:judge"
+
+
+class ScoreServer(ChatCompletionsServer):
+    """The project rubric's JSON score, a little slowly, so that requests in flight can be counted."""
+
+    def respond(self, body):
+        return 0.2, 200, completion('{"score": 5}')
+
+
+def test_an_endpoint_voting_judges_its_rollouts_several_at_once():
+    # An LLM judge votes beside a guard: the vote hands it the batch, and it asks the endpoint `max_workers` at once
+    with ScoreServer() as server:
+        endpoint = OpenAIJudge(server.url, "judge", max_workers=4, backoff=0.0, timeout=5.0)
+        vote = VoteJudge([endpoint, Fixed("g", [True] * 4)])
+        verdicts = vote.judge_batch([(harmful("x", id=str(i)), "r") for i in range(4)])
+    assert [v.votes for v in verdicts] == [{"openai:judge": True, "g": True}] * 4 and len(server.requests) == 4
+    assert server.max_in_flight > 1

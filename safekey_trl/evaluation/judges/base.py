@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,11 @@ class Judge(ABC):
         """Judge `response` (what is to be judged of the model's reply) to `prompt`."""
 
     def judge_batch(self, items: Sequence[tuple[EvalPrompt, str]]) -> list[Verdict]:
-        """Judge several responses; one by one unless a judge does better."""
+        """Judge several responses: one by one, `max_workers` at once (an endpoint judges one prompt a request, as the
+        runner would send them), unless a judge does better."""
+        if self.max_workers > 1 and len(items) > 1:
+            with ThreadPoolExecutor(min(self.max_workers, len(items))) as pool:
+                return list(pool.map(lambda item: self.judge(*item), items))
         return [self.judge(prompt, response) for prompt, response in items]
 
     def describe(self, prompt: EvalPrompt) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..suites import BENIGN, EvalPrompt
@@ -132,14 +131,7 @@ class VoteJudge(Judge):
         harmful = [i for i, (prompt, _) in enumerate(items) if prompt.expect != BENIGN]
         benign = [i for i, (prompt, _) in enumerate(items) if prompt.expect == BENIGN]
         if benign:
-            chosen = [items[i] for i in benign]
-            if self.refusal.batch_size == 1 and self.refusal.max_workers > 1:
-                # An endpoint judges one prompt a request: several in flight, as the runner would send them
-                with ThreadPoolExecutor(self.refusal.max_workers) as pool:
-                    found = list(pool.map(lambda item: self.refusal.judge(*item), chosen))
-            else:
-                found = self.refusal.judge_batch(chosen)
-            for i, verdict in zip(benign, found, strict=True):
+            for i, verdict in zip(benign, self.refusal.judge_batch([items[i] for i in benign]), strict=True):
                 verdicts[i] = verdict
         if harmful:
             chosen = [items[i] for i in harmful]
