@@ -84,12 +84,9 @@ def test_activation_offloading_context_covers_the_query_masked_pass(tmp_path, ma
     assert packed[0.2] > 1.5 * packed[0.0] > 0
 
 
-def test_trainer_refuses_reentrant_checkpointing_under_deepspeed(
-    tmp_path, monkeypatch, make_model, tokenizer, examples
-):
-    # ZeRO reduces each gradient once: with reentrant checkpointing the query-masked pass's second use of the layers
-    # reduces them again ("already been reduced" under ZeRO-2, a bucket assertion under ZeRO-3). DDP is refused the
-    # same way, for the same reason, in test_distributed (a launch); FSDP2 trains with it.
+@pytest.fixture
+def deepspeed_enabled(monkeypatch):
+    """Trainers built in the test take themselves for DeepSpeed runs (the start-up checks read only the flag)."""
     from transformers import Trainer
 
     create = Trainer.create_accelerator_and_postprocess
@@ -99,26 +96,23 @@ def test_trainer_refuses_reentrant_checkpointing_under_deepspeed(
         self.is_deepspeed_enabled = True
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create_with_deepspeed)
+
+
+@pytest.mark.usefixtures("deepspeed_enabled")
+def test_trainer_refuses_reentrant_checkpointing_under_deepspeed(tmp_path, make_model, tokenizer, examples):
+    # ZeRO reduces each gradient once: with reentrant checkpointing the query-masked pass's second use of the layers
+    # reduces them again ("already been reduced" under ZeRO-2, a bucket assertion under ZeRO-3). DDP is refused the
+    # same way, for the same reason, in test_distributed (a launch); FSDP2 trains with it.
     reentrant = dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="DeepSpeed cannot train SafeKey with reentrant gradient checkpointing"):
         make_trainer(tmp_path, make_model(), tokenizer, examples, **reentrant)
     make_trainer(tmp_path, make_model(), tokenizer, examples, activation_checkpointing=True)  # non-reentrant: fine
 
 
-def test_trainer_refuses_skipping_non_finite_steps_under_deepspeed(
-    tmp_path, monkeypatch, make_model, tokenizer, examples
-):
+@pytest.mark.usefixtures("deepspeed_enabled")
+def test_trainer_refuses_skipping_non_finite_steps_under_deepspeed(tmp_path, make_model, tokenizer, examples):
     # DeepSpeed's engine steps the optimizer inside the backward pass, before the step's check could skip it; the
     # refusal is listed with the other reasons the run cannot train as configured
-    from transformers import Trainer
-
-    create = Trainer.create_accelerator_and_postprocess
-
-    def create_with_deepspeed(self):
-        create(self)
-        self.is_deepspeed_enabled = True
-
-    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create_with_deepspeed)
     reentrant = dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError) as caught:
         make_trainer(tmp_path, make_model(), tokenizer, examples, non_finite_loss="skip", **reentrant)

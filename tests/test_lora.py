@@ -221,7 +221,9 @@ def test_dry_run_of_a_7b_config(tmp_path):
     assert result.exit_code == 0, result.output
     assert "7,615,616,512 total, 40,377,346 trainable" in result.output
     plan = plan_training(
-        make_config(tmp_path, per_device_train_batch_size=1, max_length=8192, bf16=True, gradient_checkpointing=True),
+        make_config(
+            tmp_path, per_device_train_batch_size=1, max_length=8192, bf16=True, activation_checkpointing=True
+        ),
         model_args(model_name_or_path=str(config_dir), load_in_4bit=True, lora_r=16, dtype="bfloat16"),
     )
     assert 6 < plan.total / 2**30 < 12

@@ -162,9 +162,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_trains_the_head(tmp_path
     losses = {}
     for checkpointing in (False, True):
         model = make_model()
-        trainer = make_trainer(tmp_path, model, tokenizer, examples, gradient_checkpointing=checkpointing, max_steps=1)
+        trainer = make_trainer(
+            tmp_path, model, tokenizer, examples, activation_checkpointing=checkpointing, max_steps=1
+        )
         head_before = snapshot(trainer.safety_head)
         trainer.train()
+        assert trainer.model.is_activation_checkpointing == checkpointing
         losses[checkpointing] = trainer.state.log_history[0]["loss"]
         assert not torch.equal(trainer.safety_head.prefix_head.bias, head_before["prefix_head.bias"])
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
