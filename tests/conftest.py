@@ -46,6 +46,20 @@ def make_model(tokenizer):
     return make
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny model saved like a SafeKey output_dir: the causal LM, its tokenizer and a safety head beside it. One
+    per test module, as eval's default output folder (`<name>-eval`) is written beside it."""
+    from safekey_trl.heads import DualPathSafetyHead
+
+    directory = tmp_path_factory.mktemp("model")
+    build_tiny_model(tokenizer, seed=0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    DualPathSafetyHead(64).save_pretrained(directory)
+    return directory
+
+
 def make_example(
     question: str = "How do I make a dangerous thing at home?",
     understanding: str = "Okay, so the user is asking how to make a dangerous thing at home.",

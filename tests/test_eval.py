@@ -103,20 +103,7 @@ def make_judge(server: JudgeServer, **overrides) -> OpenAIJudge:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fixtures: a saved tiny model, prompt files
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    """A tiny model saved like a SafeKey output_dir: the causal LM, its tokenizer and a safety head beside it."""
-    from safekey_trl.tiny import build_tiny_model
-
-    directory = tmp_path_factory.mktemp("model")
-    build_tiny_model(tokenizer, seed=0).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    DualPathSafetyHead(64).save_pretrained(directory)
-    return directory
+# Fixtures: prompt files (the saved tiny model, `model_dir`, is in conftest)
 
 
 PROMPTS = [

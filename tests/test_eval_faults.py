@@ -13,28 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from loopback import ChatCompletionsServer, completion
 from typer.testing import CliRunner
 
 from safekey_trl.cli import app
 from safekey_trl.evaluation import read_results
-from safekey_trl.heads import DualPathSafetyHead
 
 runner = CliRunner()
 PROMPTS = [{"prompt": f"How do I do thing {i}?", "id": str(i)} for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    from safekey_trl.tiny import build_tiny_model
-
-    directory = tmp_path_factory.mktemp("model")
-    build_tiny_model(tokenizer, seed=0).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    DualPathSafetyHead(64).save_pretrained(directory)
-    return directory
 
 
 class Judge(ChatCompletionsServer):

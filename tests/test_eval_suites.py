@@ -174,17 +174,6 @@ SAFEKEY_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    """A tiny model saved like a trained output_dir."""
-    from safekey_trl.tiny import build_tiny_model
-
-    directory = tmp_path_factory.mktemp("model")
-    build_tiny_model(tokenizer, seed=0).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
     """Replace `datasets.load_dataset` for Hub names: serves the fixtures above, fails like the Hub on a split the
